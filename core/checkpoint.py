@@ -1,0 +1,186 @@
+"""Checkpoints: one dict of tensors and plain values, written atomically, read with ``weights_only=True``.
+
+Layout (FORMAT_VERSION 1):
+    format_version, model_config (dict), vocab (dict), model (state_dict),
+    and whatever training state the trainer adds (optimizer, scaler, scheduler, epoch, step, rng, history, ...).
+
+Inference weights can also be stored as ``model.safetensors`` + ``model.json`` (config and vocabulary): no
+pickle at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from core.model import CaptionModel, ModelConfig
+from core.vocab import Vocabulary
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def atomic_write(path: str | Path, write_fn) -> Path:
+    """Call ``write_fn(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any point leaves either the old file or the new one, never a torn one. Errors name the path.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from e
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely. Refuses pickled code, names the file on every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds pickled objects beyond tensors and plain values "
+            f"(possibly code that would run on load). Only weights_only checkpoints are accepted. ({e})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise CheckpointError(f"{path} is not a captioning checkpoint: expected a dict with 'model' and 'model_config'")
+    version = state.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version!r}; this version reads format {FORMAT_VERSION}")
+    return state
+
+
+def model_state(model: nn.Module) -> dict:
+    """The state_dict of a model, unwrapped from DDP / torch.compile if needed."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.state_dict()
+
+
+def make_checkpoint(model: CaptionModel, vocab: Vocabulary, **training_state: Any) -> dict[str, Any]:
+    inner = getattr(model, "module", model)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": inner.cfg.to_dict(),
+        "vocab": vocab.to_dict(),
+        "model": model_state(model),
+        **training_state,
+    }
+
+
+def model_from_checkpoint(state: dict[str, Any] | str | Path) -> tuple[CaptionModel, Vocabulary]:
+    """Rebuild the model (in eval mode) and vocabulary from a checkpoint alone."""
+    source = state if isinstance(state, (str, Path)) else "checkpoint"
+    if isinstance(state, (str, Path)):
+        state = load_checkpoint(state)
+    cfg = ModelConfig.from_dict(state["model_config"])
+    vocab = Vocabulary.from_dict(state["vocab"])
+    if len(vocab) != cfg.vocab_size:
+        raise CheckpointError(f"{source}: vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")
+    model = CaptionModel(cfg)
+    load_model_weights(model, state["model"], source)
+    return model.eval(), vocab
+
+
+def load_model_weights(model: CaptionModel, weights: dict, source: str | Path = "checkpoint") -> None:
+    """load_state_dict with a message that says which tensors differ, instead of a wall of keys."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape (checkpoint vs model, e.g. {shapes[:3]})")
+        raise CheckpointError(f"{source} does not fit this model config: " + "; ".join(parts))
+    model.load_state_dict(weights)
+
+
+def describe_mismatch(saved: dict, current: dict, what: str = "model config") -> list[str]:
+    """Human-readable differences between two config dicts, e.g. ["backbone: resnet18 (checkpoint) vs resnet101"]."""
+    keys = sorted(set(saved) | set(current))
+    return [f"{what} {k}: {saved.get(k)!r} (checkpoint) vs {current.get(k)!r} (now)" for k in keys if saved.get(k) != current.get(k)]
+
+
+def save_safetensors(model: CaptionModel, vocab: Vocabulary, directory: str | Path) -> Path:
+    """Inference weights without pickle: model.safetensors + model.json (config and vocabulary)."""
+    from safetensors.torch import save as st_save
+
+    directory = Path(directory)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state(model).items()}
+    inner = getattr(model, "module", model)
+    meta = {"format_version": FORMAT_VERSION, "model_config": inner.cfg.to_dict(), "vocab": vocab.to_dict()}
+    atomic_write(directory / "model.safetensors", lambda f: f.write(st_save(tensors)))
+    atomic_write(directory / "model.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return directory
+
+
+def load_safetensors(directory: str | Path) -> tuple[CaptionModel, Vocabulary]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path, weights_path = directory / "model.json", directory / "model.safetensors"
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"missing {p} (expected model.safetensors + model.json in {directory})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+    try:
+        weights = load_file(weights_path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    return _build(meta, weights, weights_path)
+
+
+def _build(meta: dict, weights: dict, source: Path) -> tuple[CaptionModel, Vocabulary]:
+    try:
+        return model_from_checkpoint({**meta, "model": weights})
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source.parent}/model.json is not a valid model description: {e}") from e

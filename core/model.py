@@ -1,0 +1,302 @@
+"""Show, Attend and Tell: a ResNet encoder, additive soft attention and an LSTM decoder.
+
+Parameter names follow the canonical PyTorch tutorial (a-PyTorch-Tutorial-to-Image-Captioning), so a
+``state_dict`` trained there loads here with ``load_state_dict`` and no renaming:
+
+    Encoder:               resnet.*, (adaptive_pool has no parameters)
+    DecoderWithAttention:  attention.{encoder_att,decoder_att,full_att}, embedding, decode_step,
+                           init_h, init_c, f_beta, fc
+
+The model exposes the two calls every backend shares (see ../shared/DESIGN.md):
+
+    encode(images [N,3,H,W]) -> Encoded(enc_out [N,P,C], enc_att [N,P,A], h [N,D], c [N,D])
+    step(words [M], h [M,D], c [M,D], enc_out [N,P,C], enc_att [N,P,A]) -> logprobs [M,V], h, c, alpha [M,P]
+
+with M = N * k rows grouped image-major. ``enc_att`` (the encoder side of the attention) is computed once per
+image in ``encode``, and the k rows of one image attend over that image's features without copying them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from core.decode import Encoded
+
+# Channels of the last conv block: the bottleneck ResNets end in 2048, the basic-block ones in 512.
+BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    backbone: str = "resnet101"
+    encoded_size: int = 14  # the encoder's spatial grid is encoded_size x encoded_size (P = encoded_size**2)
+    image_size: int = 224  # the input size the model was trained at (recorded for export and captioning)
+    attention_dim: int = 512
+    embed_dim: int = 512
+    decoder_dim: int = 512
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.backbone not in BACKBONE_CHANNELS:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONE_CHANNELS)}, got {self.backbone!r}")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size must be at least 5 (4 special tokens + 1 word), got {self.vocab_size}")
+        for name in ("encoded_size", "image_size", "attention_dim", "embed_dim", "decoder_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def encoder_dim(self) -> int:
+        return BACKBONE_CHANNELS[self.backbone]
+
+    @property
+    def num_pixels(self) -> int:
+        return self.encoded_size**2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+class Encoder(nn.Module):
+    """ResNet without its pooling and classifier, average-pooled to an encoded_size x encoded_size grid."""
+
+    def __init__(self, backbone: str = "resnet101", encoded_size: int = 14):
+        super().__init__()
+        resnet = getattr(torchvision.models, backbone)(weights=None)
+        self.resnet = nn.Sequential(*list(resnet.children())[:-2])  # drop avgpool and fc
+        self.adaptive_pool = nn.AdaptiveAvgPool2d((encoded_size, encoded_size))
+        self.fine_tune(False)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.resnet(images)  # (N, C, H/32, W/32)
+        x = self.adaptive_pool(x)  # (N, C, S, S)
+        return x.permute(0, 2, 3, 1)  # (N, S, S, C), as the tutorial
+
+    def fine_tune(self, fine_tune: bool = True) -> None:
+        """Freeze the encoder; with fine_tune, train conv blocks 2-4 only (block 1 keeps generic edges)."""
+        for p in self.resnet.parameters():
+            p.requires_grad = False
+        for child in list(self.resnet.children())[5:]:  # layer2, layer3, layer4
+            for p in child.parameters():
+                p.requires_grad = fine_tune
+
+
+class PretrainedWeightsError(RuntimeError):
+    pass
+
+
+def load_pretrained_encoder(encoder: Encoder, backbone: str, source: str) -> None:
+    """Load ImageNet weights into ``encoder.resnet``.
+
+    ``source`` is "imagenet" (torchvision's weights API, IMAGENET1K_V2 where it exists, cached under TORCH_HOME)
+    or the path of a local torchvision ResNet state_dict (.pth).
+    """
+    if source == "imagenet":
+        enum = torchvision.models.get_model_weights(backbone)
+        weights = getattr(enum, "IMAGENET1K_V2", None) or enum.IMAGENET1K_V1
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            state = weights.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # URLError, socket timeouts, hash mismatch: all mean "no usable file"
+            raise PretrainedWeightsError(
+                f"could not load ImageNet weights {weights} for {backbone}: {e}.\n"
+                f"Without network access, place the file at {cache} (TORCH_HOME={torch.hub.get_dir()}), "
+                f"or pass a local file with --encoder-weights PATH, or train from scratch with --encoder-weights none."
+            ) from e
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"encoder weights file not found: {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PretrainedWeightsError(f"could not read encoder weights {path}: {e}") from e
+    # A torchvision state_dict is keyed conv1/bn1/layer1..4/fc; our Sequential is keyed 0..7.
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    remapped = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in names:
+            remapped[f"{names.index(head)}.{rest}"] = value
+    missing, _ = encoder.resnet.load_state_dict(remapped, strict=False)
+    if missing:
+        raise PretrainedWeightsError(
+            f"encoder weights from {source} do not fit {backbone}: {len(missing)} tensors missing, e.g. {missing[:3]}"
+        )
+
+
+class Attention(nn.Module):
+    """Additive (Bahdanau) attention over the P image regions."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+        self.relu = nn.ReLU()
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, encoder_out: Tensor, decoder_hidden: Tensor) -> tuple[Tensor, Tensor]:
+        """The tutorial's signature: (B,P,C), (B,D) -> attention-weighted encoding (B,C), alpha (B,P)."""
+        return self.attend(encoder_out, self.encoder_att(encoder_out), decoder_hidden)
+
+    def attend(self, enc_out: Tensor, enc_att: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """enc_out (N,P,C), enc_att (N,P,A) precomputed, h (N*k,D) -> awe (N*k,C), alpha (N*k,P)."""
+        n, p, c = enc_out.shape
+        dec = self.decoder_att(h).view(n, -1, 1, enc_att.shape[-1])  # (N, k, 1, A)
+        scores = self.full_att(self.relu(enc_att.unsqueeze(1) + dec)).squeeze(-1)  # (N, k, P)
+        alpha = self.softmax(scores)  # (N, k, P)
+        awe = torch.bmm(alpha, enc_out)  # (N, k, C): the k beams share their image's features
+        return awe.reshape(-1, c), alpha.reshape(-1, p)
+
+
+class DecoderWithAttention(nn.Module):
+    def __init__(
+        self,
+        attention_dim: int,
+        embed_dim: int,
+        decoder_dim: int,
+        vocab_size: int,
+        encoder_dim: int = 2048,
+        dropout: float = 0.5,
+    ):
+        super().__init__()
+        self.encoder_dim = encoder_dim
+        self.vocab_size = vocab_size
+        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim, bias=True)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)  # gate on the attention-weighted encoding
+        self.sigmoid = nn.Sigmoid()
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        self.embedding.weight.data.uniform_(-0.1, 0.1)
+        self.fc.bias.data.fill_(0)
+        self.fc.weight.data.uniform_(-0.1, 0.1)
+
+    def init_hidden_state(self, encoder_out: Tensor) -> tuple[Tensor, Tensor]:
+        mean = encoder_out.mean(dim=1)  # (N, C)
+        return self.init_h(mean), self.init_c(mean)  # (N, D) each
+
+    def encode_features(self, enc_out: Tensor) -> Encoded:
+        """Everything per image the steps need, computed once: enc_out (N,P,C) -> Encoded."""
+        h, c = self.init_hidden_state(enc_out)
+        return Encoded(enc_out, self.attention.encoder_att(enc_out), h, c)
+
+    def step_logits(
+        self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One decoder step: words (M,), h/c (M,D) -> logits (M,V), h, c, alpha (M,P)."""
+        return self._step(self.embedding(words), h, c, enc_out, enc_att)
+
+    def _step(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        awe, alpha = self.attention.attend(enc_out, enc_att, h)  # (M, C), (M, P)
+        awe = self.sigmoid(self.f_beta(h)) * awe
+        h, c = self.decode_step(torch.cat([emb, awe], dim=1), (h, c))  # (M, D) each
+        return self.fc(self.dropout(h)), h, c, alpha
+
+    def step(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        logits, h, c, alpha = self.step_logits(words, h, c, enc_out, enc_att)
+        return F.log_softmax(logits.float(), dim=-1), h, c, alpha
+
+    def forward(self, encoder_out: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing.
+
+        encoder_out (B,P,C) or (B,S,S,C); captions (B,T) starting with <start>; lengths (B,) counting <start>
+        and <end>. Returns logits (B,T'-1,V) predicting captions[:, 1:T'] and alphas (B,T'-1,P), zero on padding,
+        where T' = max(lengths).
+        """
+        enc_out = encoder_out.flatten(1, -2)  # (B, P, C)
+        steps = int(lengths.max()) - 1
+        enc_out, enc_att, h, c = self.encode_features(enc_out)
+        embeddings = self.embedding(captions[:, :steps])  # (B, T'-1, E)
+        logits, alphas = [], []
+        for t in range(steps):
+            # Rows whose caption has ended still run (one batched matmul is cheaper than shrinking the batch on
+            # CPU); their outputs are masked out of the loss and the attention regularizer.
+            out, h, c, alpha = self._step(embeddings[:, t], h, c, enc_out, enc_att)
+            logits.append(out)
+            alphas.append(alpha)
+        valid = (torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)).to(enc_out.dtype)
+        return torch.stack(logits, 1), torch.stack(alphas, 1) * valid[..., None]
+
+
+def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float = 1.0) -> Tensor:
+    """Cross-entropy over the real (non-padding) targets + doubly stochastic attention regularization."""
+    steps = logits.shape[1]
+    targets = captions[:, 1 : steps + 1]  # (B, T'-1)
+    valid = torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)
+    ce = F.cross_entropy(logits[valid].float(), targets[valid])
+    # Each region should receive about one unit of attention over the whole caption.
+    reg = ((1.0 - alphas.float().sum(dim=1)) ** 2).mean()
+    return ce + alpha_c * reg
+
+
+class CaptionModel(nn.Module):
+    """Encoder + decoder. Knows nothing of DDP, AMP or export: those wrap it from outside."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg.backbone, cfg.encoded_size)
+        self.decoder = DecoderWithAttention(
+            attention_dim=cfg.attention_dim,
+            embed_dim=cfg.embed_dim,
+            decoder_dim=cfg.decoder_dim,
+            vocab_size=cfg.vocab_size,
+            encoder_dim=cfg.encoder_dim,
+            dropout=cfg.dropout,
+        )
+
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        return self.decoder(self.encoder(images), captions, lengths)
+
+    def encode(self, images: Tensor) -> Encoded:
+        return self.decoder.encode_features(self.encoder(images).flatten(1, 2))
+
+    def step(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        return self.decoder.step(words, h, c, enc_out, enc_att)
+
+
+class EncodeGraph(nn.Module):
+    """``encode`` as a module with plain tensor outputs: the graph exported to ONNX and TorchScript."""
+
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(self.model.encode(images))
+
+
+class StepGraph(nn.Module):
+    """``step`` as a module: the single decoder step that is exported."""
+
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        return self.decoder.step(words, h, c, enc_out, enc_att)

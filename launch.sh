@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# One entry point for the toolkit. Every subcommand first makes sure the virtual environment exists
+# (created once, reinstalled only when pyproject.toml changes).
+#
+#   ./launch.sh help
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$ROOT"
+VENV="${VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+usage() {
+    cat <<'EOF'
+usage: ./launch.sh COMMAND [ARGS...]
+
+  setup            create .venv and install the toolkit with its dev extras (idempotent)
+  test [ARGS]      run the test suite (pytest tests/; ARGS go to pytest, e.g. -m "not slow")
+  demo             the main job end to end on synthetic data: generate, train (2 CPU processes), export, caption
+  train [ARGS]     torchrun distributed/train.py with NPROC processes (default: #GPUs, else 2); ARGS pass through
+  export [ARGS]    python export/to_onnx.py ARGS
+  caption [ARGS]   python -m export.caption ARGS
+  check DATA_DIR   scan a dataset for bad images and caption lines (python -m core.data check)
+  synth [ARGS]     python -m core.synthetic ARGS
+  bench [ARGS]     python bench/report.py ARGS (benchmarks, markdown table, chart)
+  help             this text
+
+environment: NPROC (processes for train), VENV (virtualenv path, default .venv), DEMO_DIR (default runs/demo)
+EOF
+}
+
+setup() {
+    local stamp="$VENV/.installed"
+    local want
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return 0
+    fi
+    echo "[launch] setting up $VENV (first run takes a minute or two)" >&2
+    [[ -x "$PY" ]] || python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --upgrade pip >&2 || true
+    "$PY" -m pip install --quiet -e ".[dev]" >&2
+    echo "$want" > "$stamp"
+}
+
+nproc_default() {
+    local gpus=0
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        gpus="$(nvidia-smi --list-gpus 2>/dev/null | wc -l || echo 0)"
+    fi
+    if [[ "$gpus" -gt 0 ]]; then echo "$gpus"; else echo 2; fi
+}
+
+demo() {
+    # Generate the embedded synthetic dataset, train on it with 2 CPU processes, export, caption held-out images.
+    local dir="${DEMO_DIR:-runs/demo}"
+    if [[ ! -f "$dir/data/Flickr8k.token.txt" ]]; then
+        "$PY" -m core.synthetic "$dir/data" --images 6000 --seed 1
+    fi
+    NPROC="${NPROC:-2}" "$VENV/bin/torchrun" --standalone --nproc_per_node="${NPROC:-2}" distributed/train.py \
+        --data "$dir/data" --out "$dir/run" --preset demo "$@"
+    "$PY" export/to_onnx.py --checkpoint "$dir/run/best.pt" --out "$dir/exported"
+    "$PY" -m export.caption --model "$dir/exported" --backend ort --beam 3 --split test --limit 8 \
+        --data "$dir/data" --save-dir "$dir/captioned_images"
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+
+case "$cmd" in
+    help|-h|--help) usage ;;
+    setup) setup; echo "[launch] environment ready: $VENV" ;;
+    test) setup; exec "$PY" -m pytest tests "$@" ;;
+    train)
+        setup
+        NPROC="${NPROC:-$(nproc_default)}"
+        exec "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" distributed/train.py "$@"
+        ;;
+    export) setup; exec "$PY" export/to_onnx.py "$@" ;;
+    caption) setup; exec "$PY" -m export.caption "$@" ;;
+    check) setup; exec "$PY" -m core.data check "$@" ;;
+    synth) setup; exec "$PY" -m core.synthetic "$@" ;;
+    bench) setup; exec "$PY" bench/report.py "$@" ;;
+    demo) setup; demo "$@" ;;
+    *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
+esac
