@@ -135,11 +135,11 @@ def load_pretrained_encoder(encoder: Encoder, backbone: str, source: str) -> Non
         head, _, rest = key.partition(".")
         if head in names:
             remapped[f"{names.index(head)}.{rest}"] = value
-    missing, _ = encoder.resnet.load_state_dict(remapped, strict=False)
-    if missing:
-        raise PretrainedWeightsError(
-            f"encoder weights from {source} do not fit {backbone}: {len(missing)} tensors missing, e.g. {missing[:3]}"
-        )
+    try:
+        encoder.resnet.load_state_dict(remapped, strict=True)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise PretrainedWeightsError(f"encoder weights from {source} do not fit {backbone}: {detail}") from None
 
 
 class Attention(nn.Module):
