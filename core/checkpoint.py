@@ -11,9 +11,7 @@ pickle at all.
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from core.fileio import atomic_write, atomic_write_text
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
 
@@ -29,39 +28,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def atomic_write(path: str | Path, write_fn) -> Path:
-    """Call ``write_fn(file)`` on a temporary file next to ``path``, fsync it, then rename it over ``path``.
-
-    A crash at any point leaves either the old file or the new one, never a torn one. Errors name the path.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from e
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -155,7 +121,7 @@ def save_safetensors(model: CaptionModel, vocab: Vocabulary, directory: str | Pa
     inner = getattr(model, "module", model)
     meta = {"format_version": FORMAT_VERSION, "model_config": inner.cfg.to_dict(), "vocab": vocab.to_dict()}
     atomic_write(directory / "model.safetensors", lambda f: f.write(st_save(tensors)))
-    atomic_write(directory / "model.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    atomic_write_text(directory / "model.json", json.dumps(meta, indent=1))
     return directory
 
 

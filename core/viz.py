@@ -13,10 +13,8 @@ the target folder, fsync, ``os.replace``), so a reader never sees a half-written
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,6 +25,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
+
+from core.fileio import atomic_write
 
 __all__ = ["plot_learning_curve", "save_captioned_image", "save_attention_figure"]
 
@@ -42,22 +42,8 @@ def _new_figure(figsize: tuple[float, float], dpi: int) -> Figure:
 
 def _save_atomic(fig: Figure, path: PathLike, **savefig_kwargs: Any) -> Path:
     """Render ``fig`` to ``path`` through a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix[1:].lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, **savefig_kwargs)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    fmt = Path(path).suffix[1:].lower() or "png"
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs))
 
 
 def _load_rgb(image: Image.Image | PathLike | np.ndarray) -> Image.Image:

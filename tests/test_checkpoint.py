@@ -9,7 +9,6 @@ import torch
 
 from core.checkpoint import (
     CheckpointError,
-    atomic_write,
     describe_mismatch,
     load_checkpoint,
     load_safetensors,
@@ -18,6 +17,7 @@ from core.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from core.fileio import WriteError, atomic_write
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
 
@@ -62,7 +62,7 @@ def test_unwritable_directory_is_named(tmp_path, trained):
     model, vocab = trained
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    with pytest.raises(CheckpointError, match="cannot write"):
+    with pytest.raises(WriteError, match="cannot write .*last.pt"):
         save_checkpoint(blocker / "last.pt", make_checkpoint(model, vocab))
 
 
