@@ -26,13 +26,14 @@ import io
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from core.fileio import atomic_write_text
 
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGES_DIR = "Images"
@@ -242,19 +243,6 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_overwritable(out: Path) -> None:
     """Refuse to write into a directory that holds a dataset we did not generate (e.g. real Flickr8k)."""
     foreign: list[str] = []
@@ -305,7 +293,7 @@ def generate(out_dir: str | os.PathLike[str], num_images: int, seed: int = 0, si
         names.add(name)
         (images / name).write_bytes(_jpeg_bytes(render(scene, size)))
         lines.extend(f"{name}#{k}\t{c}\n" for k, c in enumerate(describe(scene, rng)))
-    _atomic_write_text(out / TOKEN_FILE, "".join(lines))
+    atomic_write_text(out / TOKEN_FILE, "".join(lines))
     for entry in os.scandir(images):  # leftovers of an earlier, larger run
         if _SYNTH_NAME_RE.match(entry.name) and entry.name not in names:
             os.unlink(entry.path)
