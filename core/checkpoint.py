@@ -74,13 +74,15 @@ def make_checkpoint(model: CaptionModel, vocab: Vocabulary, **training_state: An
     }
 
 
-def model_from_checkpoint(state: dict[str, Any] | str | Path) -> tuple[CaptionModel, Vocabulary]:
-    """Rebuild the model (in eval mode) and vocabulary from a checkpoint alone."""
-    source = state if isinstance(state, (str, Path)) else "checkpoint"
+def model_from_checkpoint(state: dict[str, Any] | str | Path, source: str | Path = "checkpoint") -> tuple[CaptionModel, Vocabulary]:
+    """Rebuild the model (in eval mode) and vocabulary from a checkpoint (a path, or a loaded dict) alone."""
     if isinstance(state, (str, Path)):
-        state = load_checkpoint(state)
-    cfg = ModelConfig.from_dict(state["model_config"])
-    vocab = Vocabulary.from_dict(state["vocab"])
+        source, state = state, load_checkpoint(state)
+    try:
+        cfg = ModelConfig.from_dict(state["model_config"])
+        vocab = Vocabulary.from_dict(state["vocab"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: invalid model config or vocabulary: {e}") from e
     if len(vocab) != cfg.vocab_size:
         raise CheckpointError(f"{source}: vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")
     model = CaptionModel(cfg)
@@ -138,15 +140,10 @@ def load_safetensors(directory: str | Path) -> tuple[CaptionModel, Vocabulary]:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{meta_path} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path} must hold a JSON object with model_config and vocab")
     try:
         weights = load_file(weights_path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
-    return _build(meta, weights, weights_path)
-
-
-def _build(meta: dict, weights: dict, source: Path) -> tuple[CaptionModel, Vocabulary]:
-    try:
-        return model_from_checkpoint({**meta, "model": weights})
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{source.parent}/model.json is not a valid model description: {e}") from e
+    return model_from_checkpoint({**meta, "model": weights}, source=meta_path)

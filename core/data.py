@@ -449,6 +449,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.copy()
     if mode == "P" and "transparency" in img.info:
         img, mode = img.convert("RGBA"), "RGBA"
+    if mode == "La":  # premultiplied grey+alpha (some TIFFs): Pillow converts it to LA only
+        img, mode = img.convert("LA"), "LA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -651,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core.data", description="Inspect a Flickr8k-layout dataset.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_info_command(sub)
+    from core.datacheck import add_check_command  # late import: datacheck imports this module
+
+    add_check_command(sub)
     return parser
 
 

@@ -29,8 +29,12 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise WriteError(f"cannot write {path}: {e.strerror or e}; the previous file is unchanged") from e
+        # torch.save reports a full disk as a RuntimeError from its zip writer, wrapping the OSError.
+        os_error = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+        if os_error is not None:
+            raise WriteError(f"cannot write {path}: {os_error.strerror or os_error}; the previous file is unchanged") from e
+        if isinstance(e, RuntimeError) and not isinstance(e, WriteError):
+            raise WriteError(f"cannot write {path}: {e}; the previous file is unchanged") from e
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
