@@ -1,0 +1,81 @@
+"""python -m export.caption: end to end through a subprocess, JSON lines, bad files, dataset mode, figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from test_export_support import PYTHON, ROOT, artifacts
+
+from export import caption
+
+
+@pytest.fixture(scope="module")
+def art(tmp_path_factory):
+    return artifacts(tmp_path_factory)
+
+
+def run_cli(*args, timeout=120):
+    return subprocess.run([PYTHON, "-m", "export.caption", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_end_to_end_json_bad_file_dataset_figures(art, tmp_path):
+    """One subprocess (imports are the slow part): explicit images with a broken one among them, plus what
+    `./launch.sh demo` runs (held-out images of a Flickr8k-layout dataset, figures, BLEU), as JSON lines."""
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    images = art.image_paths[:2]
+    figs = tmp_path / "figs"
+    proc = run_cli(images[0], bad, images[1], "--data", art.data_dir, "--split", "test", "--limit", "2",
+                   "--model", art.export_dir, "--backend", "ort", "--beam", "3", "--json", "--threads", "1",
+                   "--save-dir", figs, "--batch-size", "2")
+    assert proc.returncode == 1, proc.stderr  # one file failed
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [d["file"] for d in lines[:3]] == [str(images[0]), str(bad), str(images[1])] and len(lines) == 5
+    assert set(lines[0]) == {"file", "caption", "score"} and lines[0]["caption"]
+    assert "error" in lines[1] and "caption" not in lines[1]
+    err_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(err_lines) == 1 and str(bad) in err_lines[0]
+    assert "4 captioned, 1 failed" in proc.stderr
+    assert "CPUExecutionProvider" in proc.stderr  # which provider runs is logged
+    assert "BLEU-4" in proc.stderr and "CIDEr-D" in proc.stderr  # metrics of the --data images
+    names = sorted(p.name for p in figs.iterdir())
+    assert len([n for n in names if n.endswith("_attention.png")]) == 4 and len(names) == 8
+
+
+def test_cli_in_process_backends_agree_and_file_list(art, tmp_path, capsys):
+    listing = tmp_path / "files.txt"
+    listing.write_text("\n".join(str(p) for p in art.image_paths[:3]) + "\n")
+    outputs = {}
+    for backend, model in (("ort", art.export_dir), ("torchscript", art.export_dir), ("eager", art.checkpoint),
+                           ("eager", art.export_dir)):
+        rc = caption.main(["--file-list", str(listing), "--model", str(model), "--backend", backend, "--beam", "3",
+                           "--batch-size", "2", "--threads", "1"])
+        assert rc == 0
+        outputs[(backend, str(model))] = capsys.readouterr().out
+    first = next(iter(outputs.values()))
+    assert len(first.splitlines()) == 3
+    assert all(o == first for o in outputs.values()), outputs
+
+
+def test_cli_directory_input_and_empty_directory(art, tmp_path, capsys):
+    rc = caption.main([str(art.image_paths[0].parent), "--model", str(art.export_dir), "--beam", "1",
+                       "--batch-size", "16", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and len(out.splitlines()) == 40
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = caption.main([str(empty), str(art.image_paths[0]), "--model", str(art.export_dir), "--beam", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and len(out.splitlines()) == 1 and f"{empty}: directory holds no image files" in err
+
+
+def test_cli_model_errors_exit_2_with_a_clear_message(art, tmp_path, capsys):
+    rc = caption.main([str(art.image_paths[0]), "--model", str(tmp_path / "nothing")])
+    assert rc == 2 and "export directory not found" in capsys.readouterr().err
+    rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--backend", "eager", "--int8"])
+    assert rc == 2 and "ONNX only" in capsys.readouterr().err
+    rc = caption.main(["--model", str(art.export_dir)])
+    assert rc == 2 and "nothing to caption" in capsys.readouterr().err
