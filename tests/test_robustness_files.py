@@ -80,7 +80,7 @@ def test_pickle_payload_calling_os_system_never_runs(tmp_path, tiny, where):
 
 def test_payload_is_refused_by_the_eager_runtime_too(tmp_path, tiny):
     """`--backend eager` with a checkpoint goes through core.checkpoint, so the payload never runs."""
-    runtime = pytest.importorskip("export.runtime")
+    from export import runtime
     model, vocab = tiny
     target = tmp_path / "pwned"
     state = make_checkpoint(model, vocab)

@@ -86,7 +86,7 @@ def test_attention_figure(tmp_path, image, n_words):
 
 
 def test_attention_figure_accepts_torch_tensor(tmp_path, image):
-    torch = pytest.importorskip("torch")
+    import torch
     alphas = torch.softmax(torch.randn(3, 9, dtype=torch.bfloat16), dim=1)
     out = save_attention_figure(image, ["a", "dog", "<end>"], alphas, 3, tmp_path / "att.png", size=48, dpi=40)
     check_png(out, min_w=80, min_h=50)
