@@ -1,0 +1,231 @@
+"""Training configuration: one dataclass is the source of truth, argparse flags are generated from it.
+
+    cfg = parse_config(["--data", "Flickr8k", "--preset", "demo", "--batch-size", "16"])
+
+Every field of :class:`TrainConfig` becomes a kebab-case flag (``decoder_lr`` -> ``--decoder-lr``) with the
+field's help text; booleans get ``--flag/--no-flag``. ``--preset NAME`` replaces the defaults with the preset's
+values first, so any flag given explicitly still wins. The resolved config is saved as ``config.json`` in the run
+directory (see ``distributed/train.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def _f(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # ------------------------------------------------------------------ data
+    data: str = _f("Flickr8k", "dataset directory: Images/ + Flickr8k.token.txt (synthetic: ./launch.sh demo)")
+    karpathy_json: str | None = _f(None, "take captions and splits from Karpathy's dataset_flickr8k.json")
+    split_seed: int = _f(0, "seed of the random train/val/test split (when there are no official split files)")
+    val_frac: float = _f(0.1, "fraction of images in val (random split)")
+    test_frac: float = _f(0.1, "fraction of images in test (random split)")
+    min_word_freq: int = _f(5, "words seen fewer times in the train captions become <unk>")
+    max_caption_len: int = _f(52, "captions are cut to this many tokens incl. <start>/<end>")
+    out: str = _f("runs/train", "run directory: checkpoints, config.json, vocab.json, metrics.csv, figures")
+    # ------------------------------------------------------------------ model
+    backbone: str = _f("resnet101", "encoder CNN", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+    image_size: int = _f(224, "input side in pixels (train: resize to 1.125x then random crop; eval: resize)")
+    encoded_size: int = _f(14, "the encoder's feature grid is encoded_size x encoded_size regions")
+    attention_dim: int = _f(512, "attention MLP width")
+    embed_dim: int = _f(512, "word embedding size")
+    decoder_dim: int = _f(512, "LSTM hidden size")
+    dropout: float = _f(0.5, "dropout before the output layer")
+    encoder_weights: str = _f(
+        "imagenet",
+        "imagenet (torchvision weights, needs the file or network), none (train the whole encoder from "
+        "scratch), or the PATH of a torchvision ResNet state_dict",
+    )
+    fine_tune_encoder: bool = _f(False, "with pretrained weights: also train conv blocks 2-4 of the encoder")
+    # ------------------------------------------------------------------ optimization
+    epochs: int = _f(20, "maximum number of epochs")
+    max_steps: int = _f(0, "stop after this many optimizer steps in total (0: no limit)")
+    batch_size: int = _f(32, "images per process per step (global batch = batch_size x processes)")
+    decoder_lr: float = _f(4e-4, "Adam learning rate of the decoder")
+    encoder_lr: float = _f(1e-4, "Adam learning rate of the encoder (when it is trained)")
+    grad_clip: float = _f(5.0, "clip each gradient value to [-grad_clip, grad_clip] (0: off)")
+    alpha_c: float = _f(1.0, "weight of the doubly stochastic attention regularizer")
+    lr_factor: float = _f(0.8, "ReduceLROnPlateau factor (on val BLEU-4)")
+    lr_patience: int = _f(3, "epochs without a better val BLEU-4 before the learning rates are reduced")
+    early_stop: int = _f(10, "stop after this many epochs without a better val BLEU-4 (0: never)")
+    amp: str = _f("auto", "autocast dtype: auto = bf16 on CPU, bf16 on CUDA where supported else fp16",
+                  ["auto", "bf16", "fp16", "off"])
+    max_skipped_steps: int = _f(25, "fp16: stop when this many consecutive steps overflow (GradScaler skips)")
+    # ------------------------------------------------------------------ data loading
+    loader: str = _f("auto", "auto = dali when nvidia.dali imports, else torch", ["auto", "dali", "torch"])
+    workers: int = _f(-1, "DataLoader workers / DALI threads per process (-1: from the cores per process)")
+    threads: int = _f(0, "torch CPU threads per process (0: the cores divided by the processes on this machine)")
+    random_crop: bool = _f(True, "train on random crops (resize to 1.125x, crop); off: the eval transform (the "
+                                 "synthetic demo: its captions name positions up to the borders, which a crop can cut)")
+    hflip: bool = _f(False, "random horizontal flips (off: the captions state left/right relations)")
+    channels_last: bool = _f(True, "channels-last memory format for the CNN (faster convolutions on CPU and GPU)")
+    # ------------------------------------------------------------------ evaluation
+    precise_bn: int = _f(20, "before each evaluation, recompute the trained encoder's BatchNorm statistics over "
+                             "this many train batches per process (0: keep the running averages, which can lag far "
+                             "behind weights that change fast)")
+    val_beam_size: int = _f(3, "beam size of the per-epoch val BLEU")
+    test_beam_size: int = _f(3, "beam size of the final test metrics")
+    max_decode_len: int = _f(50, "longest generated caption (words)")
+    val_max_images: int = _f(0, "score val BLEU on at most this many val images (0: all)")
+    eval_batch_size: int = _f(64, "images per process per evaluation batch")
+    final_eval: bool = _f(True, "at the end: test metrics, learning curve, captioned val images")
+    num_examples: int = _f(4, "captioned val images with attention figures written at the end")
+    # ------------------------------------------------------------------ run control
+    seed: int = _f(42, "random seed (model init, sampling order, caption choice, augmentation)")
+    deterministic: bool = _f(False, "torch.use_deterministic_algorithms, 0 workers: bit-exact resume")
+    time_budget: float = _f(0.0, "minutes of training (eval and checkpoint time excluded); then a clean stop "
+                                 "with the final evaluation (0: no limit)")
+    save_every: int = _f(0, "also write last.pt every N optimizer steps (0: at the end of each epoch only)")
+    resume: str = _f("auto", "auto (newest loadable checkpoint in --out, if any), none, or a checkpoint PATH")
+    progress: bool = _f(True, "tqdm progress bar on rank 0")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
+        positive = ("image_size", "encoded_size", "attention_dim", "embed_dim", "decoder_dim", "epochs",
+                    "batch_size", "val_beam_size", "test_beam_size", "max_decode_len", "eval_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_caption_len < 3:
+            raise ValueError(f"max_caption_len must be >= 3, got {self.max_caption_len}")
+        if self.hflip and not self.random_crop:
+            raise ValueError("--hflip is part of the random-crop augmentation; it needs --random-crop")
+        if self.fine_tune_encoder and self.encoder_weights == "none":
+            raise ValueError("--fine-tune-encoder is for pretrained weights; with --encoder-weights none "
+                             "the whole encoder is trained anyway")
+
+    @property
+    def encoder_pretrained(self) -> bool:
+        return self.encoder_weights != "none"
+
+    @property
+    def train_encoder(self) -> bool:
+        """A random encoder must learn everything; a pretrained one only when fine-tuning."""
+        return not self.encoder_pretrained or self.fine_tune_encoder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path, **resolved: Any) -> None:
+        """Write the config (and the values resolved at run time, e.g. the AMP dtype) as JSON."""
+        from core.fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps({**self.to_dict(), "resolved": resolved}, indent=1) + "\n")
+
+
+# Presets replace the defaults; flags given on the command line still override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The synthetic demo on a 2-core CPU: ResNet-18 at 128 px (4x4 grid) trained from scratch with bf16 autocast,
+    # stopped by the time budget. Tuned on the shared 2-core machine: 16 images per process (a global batch of 32;
+    # 32 per process learned less per minute), Adam at 1e-3 for both parts (the encoder learns from scratch), light
+    # dropout, no random crop (the captions name positions up to the image borders, which a crop can cut away),
+    # precise BatchNorm statistics before each evaluation (the default).
+    "demo": dict(
+        backbone="resnet18",
+        image_size=128,
+        encoded_size=4,
+        attention_dim=256,
+        embed_dim=256,
+        decoder_dim=256,
+        dropout=0.1,
+        encoder_weights="none",
+        batch_size=16,
+        decoder_lr=1e-3,
+        encoder_lr=1e-3,
+        random_crop=False,
+        amp="bf16",
+        min_word_freq=1,
+        epochs=100,
+        time_budget=10.0,
+        lr_patience=2,
+        early_stop=0,
+        save_every=100,
+        num_examples=4,
+    ),
+    # A few steps on tiny data: for tests and smoke runs.
+    "tiny": dict(
+        backbone="resnet18",
+        image_size=64,
+        encoded_size=2,
+        attention_dim=32,
+        embed_dim=32,
+        decoder_dim=32,
+        encoder_weights="none",
+        batch_size=8,
+        min_word_freq=1,
+        epochs=1,
+        eval_batch_size=16,
+        max_decode_len=20,
+        num_examples=1,
+    ),
+}
+
+
+def _field_type(tp: Any) -> tuple[type, bool]:
+    """(base type, optional) of a resolved annotation such as ``int`` or ``str | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        (inner,) = [a for a in args if a is not type(None)]
+        return inner, True
+    return tp, False
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | None = None) -> None:
+    """Add one kebab-case flag per field of dataclass ``cls`` (bools: ``--x/--no-x``), help from metadata."""
+    target = parser.add_argument_group(group) if group else parser
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, optional = _field_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = dict(dest=f.name, default=f.default, help=f"{help_text} (default: %(default)s)")
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+            kwargs["metavar"] = f.name.upper() if not f.metadata.get("choices") else None
+            if f.metadata.get("choices"):
+                kwargs["choices"] = list(f.metadata["choices"])
+        target.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="start from these defaults (flags given explicitly still win): "
+                        + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+    add_dataclass_args(parser, TrainConfig)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
+                 description: str | None = None) -> TrainConfig:
+    parser = build_parser(prog, description)
+    known, _ = parser.parse_known_args(argv)
+    if known.preset:
+        parser.set_defaults(**PRESETS[known.preset])
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(args)
+    except (TypeError, ValueError) as e:
+        parser.error(str(e))

@@ -1,0 +1,272 @@
+"""Two loaders, one batch format: ``Batch(images [B,3,S,S] float32 normalized, captions [B,T] int64, lengths [B],
+indices [B])`` with the images on the training device.
+
+- ``torch``: ``DataLoader`` over ``core.data`` datasets (PIL decode + ``core.data.ImageTransform``) with a
+  ``DistributedSampler``; workers, pinned memory on GPU.
+- ``dali``: ``distributed/dali_pipeline.py`` (JPEG decode on the GPU with one, else on the CPU), same transform rule.
+
+Sampling is the same for both. Training: ``DistributedSampler(shuffle=True, seed)`` with ``set_epoch(epoch)``, so
+the order of an epoch depends only on (seed, epoch); it pads every rank to the same number of samples, so every
+rank runs the same number of steps (a DDP requirement). ``epoch(e, start_batch=b)`` starts an epoch at batch
+``b``: a run resumed mid-epoch sees exactly the batches it had not trained on. (For DALI this is why each rank
+hands its reader its own file list for the epoch instead of letting the reader shuffle: the reader's shuffle
+cannot be positioned.) Evaluation: every image exactly once over all ranks, no padding; the indices let the
+caller gather and deduplicate anyway.
+
+Captions are attached by index with ``CaptionTable.sample(indices, epoch, seed)``: one of the image's captions
+per epoch, the same choice on every rank and in both loaders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, image_transform
+from distributed.env import DistEnv
+
+
+class Batch(NamedTuple):
+    images: Tensor  # (B, 3, S, S) float32, ImageNet-normalized, on the device
+    captions: Tensor  # (B, T) int64, <start> ... <end> <pad>...
+    lengths: Tensor  # (B,) int64, tokens incl. <start> and <end>
+    indices: Tensor  # (B,) int64 rows of the CaptionTable (CPU)
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a broken install (missing CUDA libs, ...)
+        return False
+    return True
+
+
+def resolve_loader(name: str) -> str:
+    if name == "auto":
+        return "dali" if dali_available() else "torch"
+    if name == "dali" and not dali_available():
+        raise RuntimeError("--loader dali: nvidia.dali does not import here; use --loader torch "
+                           "(or pip install nvidia-dali-cuda130)")
+    return name
+
+
+def train_indices(n: int, env: DistEnv, epoch: int, seed: int) -> list[int]:
+    """This rank's sample indices for ``epoch`` (DistributedSampler order: padded, same length on every rank)."""
+    sampler = DistributedSampler(range(n), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def eval_shard(n: int, env: DistEnv) -> list[int]:
+    """This rank's share of ``range(n)`` for evaluation: strided, no padding (ranks may differ by one)."""
+    return list(range(env.rank, n, env.world_size))
+
+
+class _ListSampler(Sampler[int]):
+    """Yields ``indices``, which the loader replaces before every epoch (works with persistent workers)."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def _to_device(x: Tensor, device: torch.device) -> Tensor:
+    return x.to(device, non_blocking=True) if x.device != device else x
+
+
+class TrainLoader:
+    """``epoch(e, start_batch)`` -> iterator of :class:`Batch`; ``num_batches`` per epoch (same on every rank)."""
+
+    def __init__(self, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
+                 seed: int, workers: int, hflip: bool = False, split: str = "train", random_crop: bool = True,
+                 channels_last: bool = False) -> None:
+        self.names = data.splits[split]
+        self.images_dir = data.images_dir
+        self.paths = [str(data.image_path(n)) for n in self.names]
+        self.table, self.image_size, self.batch_size = table, image_size, batch_size
+        self.env, self.seed, self.workers, self.hflip = env, seed, workers, hflip
+        self.random_crop, self.channels_last = random_crop, channels_last
+        self.samples_per_rank = math.ceil(len(self.names) / env.world_size)
+
+    @property
+    def num_batches(self) -> int:
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    def _indices(self, epoch: int, start_batch: int) -> list[int]:
+        return train_indices(len(self.names), self.env, epoch, self.seed)[start_batch * self.batch_size:]
+
+    def _batch(self, images: Tensor, indices: Tensor, epoch: int) -> Batch:
+        captions, lengths = self.table.sample(indices, epoch=epoch, seed=self.seed)
+        dev = self.env.device
+        images = _to_device(images, dev)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return Batch(images, _to_device(captions, dev), _to_device(lengths, dev), indices.cpu())
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class TorchTrainLoader(TrainLoader):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sampler = _ListSampler()
+        dataset = TrainDataset(self.images_dir, self.names,
+                               image_transform(self.image_size, train=self.random_crop, hflip=self.hflip))
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=self.workers,
+            pin_memory=self.env.device.type == "cuda",
+            persistent_workers=self.workers > 0,
+            # Its own generator: creating an iterator must not consume the global RNG (bit-exact resume).
+            generator=torch.Generator().manual_seed(self.seed + 1000 * self.env.rank),
+            prefetch_factor=4 if self.workers > 0 else None,
+        )
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        self.sampler.indices = self._indices(epoch, start_batch)
+        for images, indices in self.loader:
+            yield self._batch(images, indices, epoch)
+
+
+class DaliTrainLoader(TrainLoader):
+    """A pipeline per epoch over this rank's files for that epoch, in the sampler's order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads = max(1, self.workers)
+        self._iterator = None
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        from distributed.dali_pipeline import build_iterator
+
+        indices = self._indices(epoch, start_batch)
+        if not indices:
+            return
+        self.close()
+        # The augmentation seed depends on where the pass starts, so a resumed epoch is reproducible too.
+        seed = (self.seed * 1_000_003 + epoch * 10_007 + self.env.rank * 101 + start_batch) % (2**31 - 1)
+        device_id = self.env.local_rank if self.env.device.type == "cuda" else None
+        self._iterator = build_iterator([self.paths[i] for i in indices], indices, self.image_size, self.random_crop,
+                                        self.batch_size, self.threads, device_id, seed, hflip=self.hflip)
+        for out in self._iterator:
+            images, labels = out[0]["images"], out[0]["labels"].reshape(-1).to(torch.int64)
+            yield self._batch(images, labels.cpu(), epoch)
+        self.close()
+
+    def close(self) -> None:
+        self._iterator = None  # releases the pipeline and its threads
+
+
+class EvalLoader:
+    """This rank's share of a split's images, each once: iterate for :class:`Batch` es (captions: slot of epoch 0)."""
+
+    def __init__(self, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
+                 kind: str, workers: int, split: str = "val", max_images: int = 0) -> None:
+        names = data.splits[split]
+        self.n = min(len(names), max_images) if max_images > 0 else len(names)
+        self.names = names[: self.n]
+        self.images_dir = data.images_dir
+        self.paths = [str(data.image_path(n)) for n in self.names]
+        self.table, self.image_size, self.batch_size, self.env = table, image_size, batch_size, env
+        self.kind, self.workers = kind, workers
+        self._dali = None
+        self._torch = None
+
+    def _dali_iterator(self):
+        """Files in index order, sharded by DALI (shard_id=rank); empty shards when there are fewer images than ranks."""
+        from distributed.dali_pipeline import build_iterator
+
+        shards = min(self.env.world_size, self.n)
+        if self.env.rank >= shards:
+            return None
+        if self._dali is None:
+            device_id = self.env.local_rank if self.env.device.type == "cuda" else None
+            self._dali = build_iterator(self.paths, list(range(self.n)), self.image_size, False, self.batch_size,
+                                        max(1, self.workers), device_id, seed=0, shard_id=self.env.rank,
+                                        num_shards=shards)
+        return self._dali
+
+    def _torch_loader(self) -> DataLoader:
+        if self._torch is None:
+            dataset = EvalDataset(self.images_dir, self.names, image_transform(self.image_size, train=False))
+            self._torch = DataLoader(
+                dataset,
+                batch_size=self.batch_size,
+                sampler=eval_shard(self.n, self.env),
+                num_workers=self.workers,
+                pin_memory=self.env.device.type == "cuda",
+                generator=torch.Generator().manual_seed(0),
+            )
+        return self._torch
+
+    def __iter__(self) -> Iterator[Batch]:
+        dev = self.env.device
+        if self.kind == "dali":
+            it = self._dali_iterator()
+            if it is None:
+                return
+            try:
+                for out in it:
+                    images, idx = out[0]["images"], out[0]["labels"].reshape(-1).to(torch.int64).cpu()
+                    if len(idx) == 0:  # a shorter shard runs as many iterations as the longest, padded: skip
+                        continue
+                    captions, lengths = self.table.sample(idx, epoch=0, seed=0)
+                    yield Batch(_to_device(images, dev), captions.to(dev), lengths.to(dev), idx)
+            finally:
+                it.reset()
+        else:
+            for images, idx in self._torch_loader():
+                captions, lengths = self.table.sample(idx, epoch=0, seed=0)
+                yield Batch(_to_device(images, dev), captions.to(dev), lengths.to(dev), idx)
+
+    def close(self) -> None:
+        self._dali = None
+        self._torch = None
+
+
+def make_train_loader(kind: str, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int,
+                      env: DistEnv, seed: int, workers: int, hflip: bool = False, random_crop: bool = True,
+                      channels_last: bool = False) -> TrainLoader:
+    """``random_crop=False`` trains on the eval transform (resize only); ``channels_last`` converts the images."""
+    cls = {"torch": TorchTrainLoader, "dali": DaliTrainLoader}[kind]
+    return cls(data, table, image_size, batch_size, env, seed, workers, hflip, random_crop=random_crop,
+               channels_last=channels_last)
+
+
+def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool = False) -> int:
+    """DataLoader workers (torch) or pipeline threads (DALI) per process when ``requested`` is -1."""
+    from distributed.env import cpu_cores
+
+    if deterministic and kind == "torch":
+        return 0
+    if requested >= 0:
+        return requested
+    per_proc = max(1, cpu_cores() // env.local_world_size)
+    if kind == "dali":
+        return per_proc
+    # On a small CPU machine the training step owns the cores; loading in the main process costs a few %.
+    if env.device.type == "cpu":
+        return 0 if per_proc <= 2 else min(4, per_proc - 1)
+    return min(8, per_proc)
+
+
+def sample_order(names: Sequence[str], env: DistEnv, epoch: int, seed: int) -> list[str]:
+    """The names this rank trains on in ``epoch``, in order (for inspection and tests)."""
+    return [names[i] for i in train_indices(len(names), env, epoch, seed)]

@@ -1,0 +1,60 @@
+"""Shared fixtures.
+
+- ``synthetic_data``: a tiny synthetic dataset in the Flickr8k layout (48 images of 64 px, 5 captions each;
+  random split 38 train / 5 val / 5 test), generated once per session with ``core.synthetic``. Read-only: copy it
+  before changing anything in it.
+- ``run_train``: runs ``distributed/train.py`` in a subprocess (plain Python, or ``torchrun`` with ``nproc``)
+  with the ``tiny`` preset and one CPU thread per process, and returns the CompletedProcess.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "distributed" / "train.py"
+
+SYNTHETIC_IMAGES = 48
+SYNTHETIC_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    from core.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synthetic") / "data", SYNTHETIC_IMAGES, seed=0, size=SYNTHETIC_SIZE)
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.fixture
+def run_train(synthetic_data):
+    """``run_train(out, *flags, nproc=None, env=None, max_restarts=0, timeout=240)`` -> CompletedProcess.
+
+    ``nproc=None`` runs a single plain process; an int runs ``torchrun --standalone --nproc_per_node=nproc``.
+    Output is captured (text); the caller asserts on ``returncode``, ``stdout`` and ``stderr``.
+    """
+
+    def run(out: Path, *flags: str, nproc: int | None = None, env: dict | None = None, max_restarts: int = 0,
+            timeout: float = 240) -> subprocess.CompletedProcess:
+        cmd = [] if nproc is None else _torchrun() + ["--standalone", f"--nproc_per_node={nproc}",
+                                                       f"--max-restarts={max_restarts}"]
+        cmd += [] if nproc is not None else [sys.executable]
+        cmd += [str(TRAIN), "--data", str(synthetic_data), "--out", str(out), "--preset", "tiny", "--threads", "1",
+                "--no-progress", *flags]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        for hook in ("SAT_INJECT_NAN_AT_STEP", "SAT_CRASH_AT_STEP", "SAT_CRASH_RANK", "SAT_CRASH_IN_SAVE",
+                     "SAT_PARAM_HASH_DIR"):
+            if hook not in (env or {}):
+                full_env.pop(hook, None)
+        return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+    return run
