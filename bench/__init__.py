@@ -1,0 +1,1 @@
+"""Benchmark suite: run ``python bench/report.py [--quick]`` (see bench/report.py)."""
