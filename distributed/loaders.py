@@ -20,7 +20,7 @@ per epoch, the same choice on every rank and in both loaders.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -230,7 +230,10 @@ class EvalLoader:
                     captions, lengths = self.table.sample(idx, epoch=0, seed=0)
                     yield Batch(_to_device(images, dev), captions.to(dev), lengths.to(dev), idx)
             finally:
-                it.reset()
+                try:
+                    it.reset()  # ready for the next pass (the next epoch's evaluation)
+                except Exception:  # a pass cut short cannot be reset: build a new pipeline next time
+                    self._dali = None
         else:
             for images, idx in self._torch_loader():
                 captions, lengths = self.table.sample(idx, epoch=0, seed=0)
@@ -266,7 +269,3 @@ def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool
         return 0 if per_proc <= 2 else min(4, per_proc - 1)
     return min(8, per_proc)
 
-
-def sample_order(names: Sequence[str], env: DistEnv, epoch: int, seed: int) -> list[str]:
-    """The names this rank trains on in ``epoch``, in order (for inspection and tests)."""
-    return [names[i] for i in train_indices(len(names), env, epoch, seed)]

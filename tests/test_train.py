@@ -239,3 +239,18 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(run_train, tmp_
     assert f"resumed from {out / 'last.pt'}" in resumed.stdout and "step 2," in resumed.stdout
     assert not list(out.glob(".*.tmp"))
     assert load_checkpoint(out / "last.pt")["step"] == 10  # 2 epochs of 5 batches
+
+
+@pytest.mark.slow
+def test_fp16_overflow_steps_are_skipped_up_to_a_bound(run_train, tmp_path):
+    # (fp16 matmuls are slow on a CPU: few, small steps)
+    flags = ["--loader", "torch", "--amp", "fp16", "--batch-size", "4", "--max-steps", "2", "--no-final-eval",
+             "--val-max-images", "1", "--precise-bn", "1"]
+    ok = run_train(tmp_path / "a", *flags, env={"SAT_INJECT_NAN_AT_STEP": "2"})
+    assert ok.returncode == 0, ok.stderr  # GradScaler skips the NaN step and lowers its scale
+    saved = load_checkpoint(tmp_path / "a" / "last.pt")
+    assert saved["step"] == 2 and saved["scaler"]["scale"] < 2.0**16
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    bad = run_train(tmp_path / "b", *flags, "--max-skipped-steps", "0", env={"SAT_INJECT_NAN_AT_STEP": "1"})
+    assert bad.returncode == 1 and "consecutive fp16 steps overflowed" in bad.stderr
+    assert not (tmp_path / "b" / "last.pt").exists()
