@@ -34,6 +34,8 @@ class TrainConfig:
     test_frac: float = _f(0.1, "fraction of images in test (random split)")
     min_word_freq: int = _f(5, "words seen fewer times in the train captions become <unk>")
     max_caption_len: int = _f(52, "captions are cut to this many tokens incl. <start>/<end>")
+    skip_list: str = _f("auto", "images to leave out, from `python -m core.data check DATA` (auto: DATA/skip_list.json "
+                        "if present; none; or a PATH)")
     out: str = _f("runs/train", "run directory: checkpoints, config.json, vocab.json, metrics.csv, figures")
     # ------------------------------------------------------------------ model
     backbone: str = _f("resnet101", "encoder CNN", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])

@@ -45,7 +45,8 @@ from tqdm import tqdm
 
 from core.checkpoint import CheckpointError, describe_mismatch, load_checkpoint, make_checkpoint
 from core.data import CaptionTable, DataFormatError, DatasetNotFoundError, Flickr8k, image_transform, load_flickr8k, \
-    load_image
+    ImageLoadError, load_image
+from core.datacheck import SKIP_LIST_NAME, SkipListError, apply_skip_list, read_skip_list
 from core.decode import beam_search
 from core.fileio import WriteError, atomic_write, atomic_write_text
 from core.metrics import caption_metrics
@@ -148,9 +149,17 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[name]
 
 
-def load_data(cfg: TrainConfig) -> tuple[Flickr8k, Vocabulary]:
+def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
     data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
                          test_frac=cfg.test_frac)
+    # DALI cannot skip a sample at run time, and ranks that skip differently hang DDP: bad images are left out
+    # here, by the same file on every rank, after the split so that every other image keeps its split.
+    skip_path = Path(cfg.data) / SKIP_LIST_NAME if cfg.skip_list == "auto" else Path(cfg.skip_list)
+    if cfg.skip_list != "none" and (cfg.skip_list != "auto" or skip_path.is_file()):
+        skip = read_skip_list(skip_path, root=cfg.data)
+        data = apply_skip_list(data, skip)
+        if env is not None:
+            print0(env, f"skipping {len(skip.skip)} image(s) listed in {skip_path}")
     # Deterministic (sorted by frequency, then alphabetically): every rank builds the same vocabulary.
     return data, data.build_vocab(min_freq=cfg.min_word_freq)
 
@@ -503,12 +512,15 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     hooks = Hooks()
     out = Path(cfg.out)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrainingError(f"cannot create the run directory {out}: {e.strerror or e}") from e
     barrier()
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    data, vocab = load_data(cfg)
+    data, vocab = load_data(cfg, env)
     loader_kind = resolve_loader(cfg.loader)
     workers = default_workers(loader_kind, env, cfg.workers, cfg.deterministic)
     amp_dtype = resolve_amp(cfg.amp, env.device)
@@ -685,6 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetNotFoundError, DataFormatError) as e:
         print0(env, f"error: {e}\nno dataset yet? `./launch.sh demo` generates a synthetic one in the Flickr8k "
                     f"layout and trains on it.", file=sys.stderr)
+        code = 2
+    except (ImageLoadError, SkipListError) as e:
+        print(f"error (rank {env.rank}): {e}\nrun `python -m core.data check {cfg.data}`: it lists every bad file and "
+              f"writes the skip list that training reads", file=sys.stderr, flush=True)
         code = 2
     except (TrainingError, CheckpointError, PretrainedWeightsError, WriteError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)

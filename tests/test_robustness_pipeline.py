@@ -19,7 +19,6 @@ TRAIN = ROOT / "distributed" / "train.py"
 TINY_TRAIN = ["--preset", "tiny", "--no-final-eval", "--no-progress", "--loader", "torch", "--workers", "0",
               "--threads", "1", "--val-max-images", "4"]
 
-needs_train = pytest.mark.skipif(not TRAIN.is_file(), reason="distributed/train.py not written yet")
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
@@ -37,16 +36,12 @@ def synth(d: Path, n: int = 24, size: int = 64) -> Path:
 # --------------------------------------------------------------------------------------------
 # Training outputs that cannot be written
 # --------------------------------------------------------------------------------------------
-@needs_train
 def test_train_with_out_under_a_regular_file_is_a_clear_error(tmp_path):
     data = synth(tmp_path / "data", n=8)
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     proc = run([str(TRAIN), "--data", str(data), "--out", str(blocker / "run"), *TINY_TRAIN, "--max-steps", "1"])
     assert proc.returncode != 0
-    if "Traceback" in proc.stderr and "mkdir" in proc.stderr:
-        pytest.xfail("distributed/train.py run(): out.mkdir() raises a bare FileExistsError/NotADirectoryError "
-                     "(traceback, no 'error:' line): H3 fix pending (see H6 report)")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "error" in proc.stderr and "a_file" in proc.stderr
     assert blocker.read_text() == "x"
@@ -57,7 +52,6 @@ def _limit_file_size():  # in the child, before exec
     resource.setrlimit(resource.RLIMIT_FSIZE, (5_000_000, resource.RLIM_INFINITY))
 
 
-@needs_train
 @pytest.mark.slow
 def test_train_checkpoint_write_failure_is_clear_and_keeps_the_earlier_checkpoint(tmp_path):
     """A second run resumes, trains, and cannot write its checkpoint (writes past 5 MB fail with EFBIG)."""
@@ -75,9 +69,7 @@ def test_train_checkpoint_write_failure_is_clear_and_keeps_the_earlier_checkpoin
         assert (out / name).read_bytes() == content, name
     assert load_checkpoint(out / "last.pt")["train_state"]["step"] == step
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "temporary file left behind"
-    if "Traceback" in proc.stderr or "error" not in proc.stderr:
-        pytest.xfail("a failed checkpoint write ends training without a clear 'error:' line (torch.save's "
-                     "RuntimeError escapes core.fileio.atomic_write): lead fix pending (see H6 report)")
+    assert "Traceback" not in proc.stderr and "error" in proc.stderr, proc.stderr[-3000:]
     assert "last.pt" in proc.stderr or "best.pt" in proc.stderr
 
 
@@ -94,7 +86,6 @@ def _dataset_with_a_truncated_train_image(d: Path) -> tuple[Path, str]:
     return data, name
 
 
-@needs_train
 def test_train_skips_the_images_on_the_skip_list(tmp_path):
     from core.datacheck import check_dataset, write_skip_list
 
@@ -103,22 +94,16 @@ def test_train_skips_the_images_on_the_skip_list(tmp_path):
     assert report.skip == [bad]
     write_skip_list(report, data / "skip_list.json")
     proc = run([str(TRAIN), "--data", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--max-steps", "3"])
-    if proc.returncode != 0 and "ImageLoadError" in proc.stderr:
-        pytest.xfail("distributed/train.py does not read DATA/skip_list.json yet (core.datacheck.read_skip_list + "
-                     "apply_skip_list after load_flickr8k): H3 change pending (see H6 report)")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "skip" in (proc.stdout + proc.stderr).lower()
 
 
-@needs_train
 @pytest.mark.slow
 def test_train_without_a_skip_list_names_the_bad_image_and_the_check_command(tmp_path):
     data, bad = _dataset_with_a_truncated_train_image(tmp_path / "data")
     proc = run([str(TRAIN), "--data", str(data), "--out", str(tmp_path / "run"), *TINY_TRAIN, "--max-steps", "3"])
     assert proc.returncode != 0
-    if "Traceback" in proc.stderr:
-        pytest.xfail("distributed/train.py lets core.data.ImageLoadError escape as a traceback: H3 fix pending "
-                     "(catch it in main(), print 'error: ... run `python -m core.data check DATA`')")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert bad in proc.stderr and "core.data check" in proc.stderr
 
 
@@ -195,7 +180,6 @@ def test_network_guard_catches_attempts(tmp_path):
     assert attempts == 2, log.read_text()
 
 
-@needs_train
 @pytest.mark.slow
 def test_demo_pipeline_runs_offline_and_never_touches_the_network(tmp_path):
     """generate -> check -> train (1 process, tiny) -> export -> caption, every step under the network guard."""
