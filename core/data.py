@@ -88,6 +88,22 @@ def _read_lines(path: Path) -> Iterable[tuple[int, str]]:
                 ) from None
 
 
+def parse_caption_line(line: str) -> tuple[str, str, str]:
+    """``(image, number, caption)`` of one ``IMAGE#N<TAB>caption`` line; DataFormatError says what is wrong."""
+    key, tab, caption = line.partition("\t")
+    if not tab:
+        raise DataFormatError(f"expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
+    name, hash_, n = key.strip().rpartition("#")
+    if not hash_ or not name:
+        raise DataFormatError(f"expected 'IMAGE#N' before the tab, got {key!r}")
+    if not n.isdigit():
+        raise DataFormatError(f"expected an integer caption number after '#', got {key!r}")
+    caption = caption.strip()
+    if not caption:
+        raise DataFormatError(f"empty caption for {key!r}")
+    return name, n, caption
+
+
 def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Parse ``Flickr8k.token.txt`` into ``{image name: [captions in file order]}``.
 
@@ -100,18 +116,10 @@ def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     for lineno, line in _read_lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
-        key, tab, caption = line.partition("\t")
-        if not tab:
-            raise DataFormatError(f"{where}: expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
-        name, hash_, n = key.strip().rpartition("#")
-        if not hash_ or not name:
-            raise DataFormatError(f"{where}: expected 'IMAGE#N' before the tab, got {key!r}")
-        if not n.isdigit():
-            raise DataFormatError(f"{where}: expected an integer caption number after '#', got {key!r}")
-        caption = caption.strip()
-        if not caption:
-            raise DataFormatError(f"{where}: empty caption for {key!r}")
+        try:
+            name, _, caption = parse_caption_line(line)
+        except DataFormatError as e:
+            raise DataFormatError(f"{path}:{lineno}: {e}") from None
         captions.setdefault(name, []).append(caption)
     if not captions:
         raise DataFormatError(f"{path}: no captions found (empty file?)")

@@ -235,25 +235,6 @@ class _Captions:
     bad_lines: list[int] = field(default_factory=list)
 
 
-def parse_caption_line(line: str) -> tuple[str, str, str]:
-    """``(image, number, caption)`` of one ``IMAGE#N<TAB>caption`` line; ValueError says what is wrong.
-
-    The rule of ``core.data.parse_token_file``, one line at a time.
-    """
-    key, tab, caption = line.partition("\t")
-    if not tab:
-        raise ValueError(f"expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
-    name, hash_, n = key.strip().rpartition("#")
-    if not hash_ or not name:
-        raise ValueError(f"expected 'IMAGE#N' before the tab, got {key!r}")
-    if not n.isdigit():
-        raise ValueError(f"expected an integer caption number after '#', got {key!r}")
-    caption = caption.strip()
-    if not caption:
-        raise ValueError(f"empty caption for {key!r}")
-    return name, n, caption
-
-
 def _scan_captions(path: Path) -> _Captions:
     out = _Captions()
     rel = path.name
@@ -275,7 +256,7 @@ def _scan_captions(path: Path) -> _Captions:
                 continue
             out.lines += 1
             try:
-                name, n, caption = parse_caption_line(line)
+                name, n, caption = _core_data().parse_caption_line(line)
             except ValueError as e:
                 out.bad_lines.append(lineno)
                 out.problems.append(Problem(rel, lineno, "bad-caption-line", str(e)))

@@ -23,10 +23,10 @@ from core.datacheck import (
     apply_skip_list,
     check_dataset,
     dataset_listing_hash,
-    parse_caption_line,
     read_skip_list,
     write_skip_list,
 )
+from core.data import parse_caption_line
 from core.synthetic import generate
 
 ROOT = Path(__file__).resolve().parents[1]
