@@ -2,7 +2,8 @@
 
     pytest bench/ --benchmark-group-by=group              # the full suite (real shapes, a few minutes)
     pytest bench/ --bench-quick                            # CI smoke: small shapes, few rounds (SAT_BENCH_QUICK=1)
-    pytest bench/ -m bench_step                            # one family: bench_encoder, bench_step, bench_caption, bench_beam
+    pytest bench/ -m bench_step                            # one family: bench_encoder, bench_step, bench_caption,
+                                                           # bench_beam, bench_train
     pytest bench/ -m "not gpu"                             # CPU only (GPU rows skip themselves without CUDA)
 """
 
@@ -23,6 +24,7 @@ MARKERS = {
     "bench_step": "decoder step benchmarks (with the memory-bandwidth floor)",
     "bench_caption": "end-to-end captioning benchmarks and the caption agreement checks",
     "bench_beam": "beam search alone (encoder outputs given)",
+    "bench_train": "training step and data loader benchmarks (test_bench_train.py)",
     "gpu": "needs a CUDA GPU (skipped without one)",
 }
 
@@ -42,6 +44,12 @@ def pytest_configure(config):
     threads = config.getoption("--bench-threads", default=None)
     if threads:
         os.environ["SAT_BENCH_THREADS"] = str(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # the training benchmarks carry no family marker of their own
+        if item.path.name == "test_bench_train.py":
+            item.add_marker(pytest.mark.bench_train)
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

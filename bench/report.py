@@ -3,7 +3,7 @@
     python bench/report.py                 # full suite, real shapes (a few minutes on 2 cores)
     python bench/report.py --quick         # CI smoke: small shapes, one round each (well under a minute)
     ./launch.sh bench [--quick]            # the same through the launcher
-    python bench/report.py --groups step,beam          # only some families (encoder, step, caption, beam)
+    python bench/report.py --groups step,beam          # only some families (encoder, step, caption, beam, train)
     python bench/report.py --from-json bench/results/latest.json   # re-render a report without re-running
     python bench/report.py -- -k ort       # anything after -- goes to pytest
 
@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
 
 BENCH = ROOT / "bench"
 TRAIN_FILE = BENCH / "test_bench_train.py"  # the training benchmarks (owned by the training code's authors)
-FAMILIES = {"encoder": "bench_encoder", "step": "bench_step", "caption": "bench_caption", "beam": "bench_beam"}
+FAMILIES = {"encoder": "bench_encoder", "step": "bench_step", "caption": "bench_caption", "beam": "bench_beam",
+            "train": "bench_train"}
 BACKEND_ORDER = ["reference", "eager", "eager_bf16", "torchscript", "ort", "ort_int8", "ort_fp16", "ort_bf16enc",
                  "ort_int8enc"]
 BACKEND_LABEL = {
@@ -68,7 +69,9 @@ def run_pytest(args: argparse.Namespace, json_path: Path) -> int:
         marks.append("not gpu")
     if marks:
         cmd += ["-m", " and ".join(marks)]
-    if not args.train and TRAIN_FILE.exists():
+    # The training benchmarks take seconds: part of the full run, left out of the quick one (CI smoke budget).
+    with_train = args.train or (args.groups and "train" in args.groups) or not (args.quick or args.no_train)
+    if not with_train and TRAIN_FILE.exists():
         cmd += [f"--ignore={TRAIN_FILE}"]
     cmd += args.pytest_args
     env = dict(os.environ)
@@ -152,8 +155,13 @@ def group_table(rs: list[dict]) -> list[str]:
     lines.append("|" + "---|" * (lines[0].count("|") - 1))
     for r in rs:
         ratio = base / r["median_ms"]
-        cells = [label(r), _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]),
-                 str(r["rounds"]), "1.00x (baseline)" if r is ref else f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"]
+        if r is ref:
+            rel = "1.00x (baseline)"
+        elif ref is None and r["median_ms"] == base:
+            rel = "1.00x (fastest)"
+        else:
+            rel = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+        cells = [label(r), _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]), str(r["rounds"]), rel]
         if kind.startswith(("caption", "beam", "encoder")) and images:
             cells.append(f"{images / (r['median_ms'] / 1e3):.1f}")
         cells.append(row_notes(r))
@@ -168,6 +176,9 @@ def row_notes(r: dict) -> str:
     if "caption_agreement_vs_eager" in info:
         notes.append(f"captions = eager fp32: {info['caption_agreement_vs_eager']:.0%}"
                      + (f" (words: {info['token_agreement_vs_eager']:.0%})" if "token_agreement_vs_eager" in info else ""))
+    for key, unit in (("samples_per_s", "samples/s"), ("images_per_s", "images/s")):  # the training benchmarks
+        if key in info:
+            notes.append(f"{info[key]} {unit}")
     if "reference_rows_per_image" in info:
         notes.append(f"ran {info['reference_steps_per_image']:.1f} steps, {info['reference_rows_per_image']:.0f} beam-rows "
                      f"per image (fixed search: {info['fixed_rows_per_image']})")
@@ -418,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small shapes, single rounds (CI smoke)")
     p.add_argument("--groups", type=lambda s: [g.strip() for g in s.split(",") if g.strip()], default=None,
                    help=f"comma-separated families to run: {','.join(FAMILIES)} (default all)")
-    p.add_argument("--train", action="store_true", help=f"also run {TRAIN_FILE.name} (training benchmarks)")
+    p.add_argument("--train", action="store_true", help=f"run {TRAIN_FILE.name} (training benchmarks) in --quick mode too")
+    p.add_argument("--no-train", action="store_true", help=f"leave out {TRAIN_FILE.name} (run by default, not in --quick)")
     p.add_argument("--cpu-only", action="store_true", help="deselect the gpu-marked benchmarks")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory (default bench/results)")
