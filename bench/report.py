@@ -171,6 +171,8 @@ def group_table(rs: list[dict]) -> list[str]:
 
 def row_notes(r: dict) -> str:
     info, notes = r["info"], []
+    if r["rounds"] > 1 and r["median_ms"] > 1.5 * r["min_ms"]:
+        notes.append(f"**noisy**: median {r['median_ms'] / r['min_ms']:.1f}x the fastest round")
     if "floor_ms" in info:
         notes.append(f"{r['median_ms'] / info['floor_ms']:.1f}x the memory floor ({_fmt_ms(info['floor_ms'])})")
     if "caption_agreement_vs_eager" in info:
@@ -343,7 +345,10 @@ def machine_section(data: dict) -> list[str]:
     lines += [f"- **{k}**: {v}" for k, v in items]
     if load and load[0] > 0.5 * cores:
         lines += ["", f"> The 1-minute load average ({load[0]}) was high for {cores} cores: other processes shared "
-                      "the CPU during this run, so times are pessimistic and noisy."]
+                      "the CPU during this run, so times are pessimistic and noisy. Contention hurts PyTorch's "
+                      "OpenMP threads (the reference, eager, TorchScript: many small parallel regions, each waiting "
+                      "for a preempted thread) far more than ONNX Runtime's pool, which inflates ratios against the "
+                      "reference; rows marked noisy had rounds far slower than their fastest."]
     return lines + [""]
 
 
