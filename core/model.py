@@ -274,7 +274,8 @@ class CaptionModel(nn.Module):
         return self.decoder(self.encoder(images), captions, lengths)
 
     def encode(self, images: Tensor) -> Encoded:
-        return self.decoder.encode_features(self.encoder(images).flatten(1, 2))
+        # Contiguous once here, so that no backend copies the permuted features at every step.
+        return self.decoder.encode_features(self.encoder(images).flatten(1, 2).contiguous())
 
     def step(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         return self.decoder.step(words, h, c, enc_out, enc_att)
