@@ -17,7 +17,6 @@ captions are looked up with :meth:`CaptionTable.sample`, one rule for the torch 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -34,6 +33,7 @@ from PIL import ExifTags, Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from core.fileio import read_json
 from core.vocab import Vocabulary, tokenize
 
 TOKEN_FILE = "Flickr8k.token.txt"
@@ -158,13 +158,7 @@ def load_karpathy_json(path: str | os.PathLike[str]) -> tuple[dict[str, list[str
     ``restval`` images go to train (the usual practice).
     """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}: not valid JSON ({e})") from None
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"{path}: not UTF-8 ({e})") from None
+    data = read_json(path, DataFormatError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataFormatError(f"{path}: expected a JSON object with an 'images' list")
     captions: dict[str, list[str]] = {}

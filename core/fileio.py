@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 
 class WriteError(RuntimeError):
@@ -49,3 +50,14 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
+    """Parse a UTF-8 JSON file; bad JSON or bad bytes raise ``error`` with a message naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e})") from None

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.fileio import atomic_write_text
+from core.fileio import atomic_write_text, read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
@@ -188,14 +188,7 @@ class Vocabulary:
     def load(cls, path: str | os.PathLike[str]) -> Vocabulary:
         """Read a file written by :meth:`save`; errors name the file."""
         path = Path(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise VocabFormatError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise VocabFormatError(f"{path}: not UTF-8 text ({e})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path, VocabFormatError), source=str(path))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
