@@ -23,6 +23,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   check DATA_DIR   scan a dataset for bad images and caption lines (python -m core.data check)
   synth [ARGS]     python -m core.synthetic ARGS
   bench [ARGS]     python bench/report.py ARGS (benchmarks, markdown table, chart)
+  doctor           what this machine can do (CPU ISA, bf16, VNNI, GPUs, DALI, ONNX Runtime CUDA) and what the
+                   toolkit chooses from it (training precision, captioning path, int8 format, DALI decoder)
   help             this text
 
 environment: NPROC (processes for train), VENV (virtualenv path, default .venv), DEMO_DIR (default runs/demo)
@@ -86,6 +88,7 @@ case "$cmd" in
     check) setup; exec "$PY" -m core.data check "$@" ;;
     synth) setup; exec "$PY" -m core.synthetic "$@" ;;
     bench) setup; exec "$PY" bench/report.py "$@" ;;
+    doctor) setup; exec "$PY" -m distributed.doctor "$@" ;;
     demo) setup; demo "$@" ;;
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac

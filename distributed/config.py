@@ -59,10 +59,15 @@ class TrainConfig:
     encoder_lr: float = _f(1e-4, "Adam learning rate of the encoder (when it is trained)")
     grad_clip: float = _f(5.0, "clip each gradient value to [-grad_clip, grad_clip] (0: off)")
     alpha_c: float = _f(1.0, "weight of the doubly stochastic attention regularizer")
+    lr_schedule: str = _f("plateau", "plateau: ReduceLROnPlateau on val BLEU-4 (the tutorial's); cosine: linear "
+                                     "warm-up then cosine decay to 0 at --max-steps (needs --max-steps)",
+                          ["plateau", "cosine"])
+    warmup_steps: int = _f(0, "cosine: optimizer steps of linear learning-rate warm-up")
     lr_factor: float = _f(0.8, "ReduceLROnPlateau factor (on val BLEU-4)")
     lr_patience: int = _f(3, "epochs without a better val BLEU-4 before the learning rates are reduced")
     early_stop: int = _f(10, "stop after this many epochs without a better val BLEU-4 (0: never)")
-    amp: str = _f("auto", "autocast dtype: auto = bf16 on CPU, bf16 on CUDA where supported else fp16",
+    amp: str = _f("auto", "autocast dtype: auto = bf16 where the hardware runs it natively (CPUs with AVX-512 BF16 "
+                          "or AMX, GPUs sm80+), fp16 + GradScaler on older GPUs, else fp32 (see ./launch.sh doctor)",
                   ["auto", "bf16", "fp16", "off"])
     max_skipped_steps: int = _f(25, "fp16: stop when this many consecutive steps overflow (GradScaler skips)")
     # ------------------------------------------------------------------ data loading
@@ -105,6 +110,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_caption_len < 3:
             raise ValueError(f"max_caption_len must be >= 3, got {self.max_caption_len}")
+        if self.lr_schedule == "cosine" and self.max_steps < 1:
+            raise ValueError("--lr-schedule cosine decays to 0 at --max-steps: give --max-steps N")
         if self.hflip and not self.random_crop:
             raise ValueError("--hflip is part of the random-crop augmentation; it needs --random-crop")
         if self.fine_tune_encoder and self.encoder_weights == "none":

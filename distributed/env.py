@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from core.hardware import cpu_cores
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -34,13 +36,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def setup_distributed(backend: str | None = None, threads: int = 0, timeout_min: float = 30.0) -> DistEnv:

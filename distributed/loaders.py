@@ -255,7 +255,7 @@ def make_train_loader(kind: str, data: Flickr8k, table: CaptionTable, image_size
 
 def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool = False) -> int:
     """DataLoader workers (torch) or pipeline threads (DALI) per process when ``requested`` is -1."""
-    from distributed.env import cpu_cores
+    from core.hardware import cpu_cores
 
     if deterministic and kind == "torch":
         return 0

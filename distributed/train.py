@@ -43,6 +43,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from core import hardware
 from core.checkpoint import CheckpointError, describe_mismatch, load_checkpoint, make_checkpoint
 from core.data import CaptionTable, DataFormatError, DatasetNotFoundError, Flickr8k, image_transform, load_flickr8k, \
     ImageLoadError, load_image
@@ -140,13 +141,19 @@ def state_hash(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 on CPU; on CUDA bf16 where the GPU supports it, else fp16. off: None (fp32)."""
-    if name == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return torch.bfloat16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[name]
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """plateau: stepped once per epoch on val BLEU-4; cosine: stepped once per optimizer step."""
+    if cfg.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
+                                                          patience=cfg.lr_patience)
+    warmup, total = cfg.warmup_steps, cfg.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
@@ -304,7 +311,7 @@ def clip_gradients(optimizer: torch.optim.Optimizer, clip: float) -> None:
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optimizer, scaler, autocast, cfg: TrainConfig, env: DistEnv,
-                    state: TrainState, hooks: Hooks, save_last) -> dict[str, Any]:
+                    state: TrainState, hooks: Hooks, save_last, scheduler) -> dict[str, Any]:
     """Train from ``state.batches_done`` to the end of ``state.epoch`` (or an earlier stop).
 
     Returns {"train_loss", "samples_per_s", "stop": None | "time budget" | "max steps"}. Stops with a
@@ -342,6 +349,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optimizer, scaler, autocast,
         scale = scaler.get_scale() if scaler.is_enabled() else 1.0
         scaler.step(optimizer)  # fp16: skipped when the gradients overflowed
         scaler.update()
+        if cfg.lr_schedule == "cosine":  # (plateau steps once per epoch, on val BLEU-4)
+            scheduler.step()
         if scaler.is_enabled() and scaler.get_scale() < scale:
             state.skipped_steps += 1
             if state.skipped_steps > cfg.max_skipped_steps:
@@ -523,7 +532,11 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     data, vocab = load_data(cfg, env)
     loader_kind = resolve_loader(cfg.loader)
     workers = default_workers(loader_kind, env, cfg.workers, cfg.deterministic)
-    amp_dtype = resolve_amp(cfg.amp, env.device)
+    print0(env, f"hardware: {hardware.summary()}")
+    amp = hardware.choose_amp(cfg.amp, env.device.type, hardware.detect())
+    if amp.warning:
+        warn0(env, amp.warning)
+    amp_dtype = amp.value
     autocast = nullcontext() if amp_dtype is None else torch.autocast(env.device.type, dtype=amp_dtype)
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype is torch.float16)
 
@@ -532,8 +545,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     if cfg.channels_last:
         model.encoder.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg.lr_factor,
-                                                           patience=cfg.lr_patience)
+    scheduler = build_scheduler(optimizer, cfg)
     seed_everything(cfg.seed + 1 + 7919 * env.rank)  # dropout and augmentation differ between ranks
     state = TrainState()
     ckpt = Checkpointer(out, env, hooks)
@@ -550,7 +562,13 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
                                   "or --encoder-weights changed?)") from e
         if saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
-        scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("train_config", {}).get("lr_schedule", "plateau") == cfg.lr_schedule:
+            scheduler.load_state_dict(saved["scheduler"])
+        else:  # another kind of scheduler: its saved state does not apply
+            warn0(env, f"--lr-schedule {cfg.lr_schedule} differs from the checkpoint's: the schedule starts anew")
+            if cfg.lr_schedule == "cosine":  # at the checkpoint's step
+                scheduler.last_epoch = int(saved["step"]) - 1
+                scheduler.step()
         state = TrainState(**saved["train_state"], history=saved.get("history", []))
         rngs = saved.get("rng") or []
         if len(rngs) == env.world_size:
@@ -572,11 +590,13 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     if env.is_main:
         vocab.save(out / "vocab.json")
         cfg.save(out / "config.json", world_size=env.world_size, device=str(env.device), loader=loader_kind,
-                 workers=workers, amp_dtype=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+                 workers=workers, amp_dtype=hardware.dtype_name(amp_dtype), amp_reason=amp.reason,
+                 hardware=hardware.summary(),
                  threads=torch.get_num_threads(), torch=torch.__version__, resumed_from=str(resume_path or ""),
                  splits=data.splits.sizes(), vocab_size=len(vocab))
-    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loader_kind} ({workers} workers) | amp "
-                f"{amp_dtype or 'off'} | {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
+    print0(env, f"amp {hardware.dtype_name(amp_dtype)}: {amp.reason}")
+    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loader_kind} ({workers} workers) | "
+                f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
                 f"trained params | splits {data.splits.sizes()} | vocab {len(vocab)} | "
                 f"{train_loader.num_batches} batches/epoch of {cfg.batch_size}x{env.world_size}")
 
@@ -607,7 +627,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         if (budget_s and state.train_seconds >= budget_s) or (cfg.max_steps and state.step >= cfg.max_steps):
             break
         stats = train_one_epoch(train_model, train_loader, optimizer, scaler, autocast, cfg, env, state, hooks,
-                                lambda: save(["last.pt"]))
+                                lambda: save(["last.pt"]), scheduler)
         full_epoch = state.batches_done >= train_loader.num_batches
         if full_epoch:
             state.epoch, state.batches_done = state.epoch + 1, 0
@@ -618,7 +638,8 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
             m = evaluate(model, val_loader, val_table, vocab, autocast, cfg, env, cfg.val_beam_size)
         improved = m["bleu4"] > state.best_bleu4
         if full_epoch:  # partial epochs (a stop) do not count for the scheduler or early stopping
-            scheduler.step(m["bleu4"])
+            if cfg.lr_schedule == "plateau":
+                scheduler.step(m["bleu4"])
             state.bad_epochs = 0 if improved else state.bad_epochs + 1
         epoch_pos = state.epoch + state.batches_done / train_loader.num_batches
         state.history.append({
