@@ -1,11 +1,12 @@
-"""A faster encoder path for the benchmark: static int8 quantization of the exported encoder (CPU, VNNI).
+"""A faster encoder path for the benchmark: static int8 quantization of the exported encoder (CPU).
 
-The export ships fp32 encoder.onnx (and an int8 decoder step). On CPUs with AVX-512 VNNI, ONNX Runtime runs
-int8 convolutions (u8 activations x s8 weights) several times faster than fp32, and the ResNet encoder is most
-of the end-to-end time when many images are captioned at once. This module quantizes the benchmark's own
-encoder.onnx (QDQ format, Conv only, weights per channel, activation ranges from a few calibration images
-that are not the benchmark's inputs) so the suite can time that path and report its caption agreement with
-eager fp32. It is a measurement for the export's authors, not a shipped format.
+The export ships fp32 encoder.onnx (and an int8 decoder step). ONNX Runtime runs int8 convolutions (u8
+activations x s8 weights) faster than fp32 (several times with VNNI), and the ResNet encoder is most of the
+end-to-end time when many images are captioned at once. This module quantizes the benchmark's own encoder.onnx
+(QDQ format, Conv only, weights per channel, activation ranges from a few calibration images that are not the
+benchmark's inputs) so the suite can time that path and report its caption agreement with eager fp32. The weight
+range is the export's own choice (``core.hardware.choose_int8``: 7-bit weights, exact without VNNI). It is a
+measurement for the export's authors, not a shipped format.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core import hardware
 from core.decode import Encoded
 
 ENCODER_OUTPUTS = ("enc_out", "enc_att", "h", "c")
@@ -27,6 +29,8 @@ def quantize_encoder(src: Path, dst: Path, calib_images: torch.Tensor) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    choice = hardware.choose_int8(hardware.detect())
+    logging.getLogger("bench").info("int8 encoder weight format: %s", choice)
     batches = [{"images": calib_images[i : i + 1].numpy()} for i in range(calib_images.shape[0])]
 
     class Reader(CalibrationDataReader):
@@ -45,7 +49,8 @@ def quantize_encoder(src: Path, dst: Path, calib_images: torch.Tensor) -> Path:
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             quantize_static(
                 str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                per_channel=True, reduce_range=choice.value == "reduce_range", activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
             )
     finally:

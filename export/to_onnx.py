@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from core import hardware  # noqa: E402
 from core.decode import Encoded, beam_search  # noqa: E402
 from core.model import CaptionModel, EncodeGraph, StepGraph  # noqa: E402
 from core.vocab import Vocabulary  # noqa: E402
@@ -301,10 +302,17 @@ def _live_nodes(nodes, outputs: set[str]):
     return live[::-1]
 
 
-def quantize_step_int8(src: Path, dst: Path) -> dict[str, Any]:
-    """Dynamic int8 quantization of the decoder step: weights int8 per channel, activations uint8 per call."""
+def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = None) -> dict[str, Any]:
+    """Dynamic int8 quantization of the decoder step: weights int8 per channel, activations uint8 per call.
+
+    The weight range comes from ``core.hardware.choose_int8``: 7-bit weights (``reduce_range``) keep ONNX Runtime's
+    u8s8 kernels exact on CPUs without VNNI, where full-range weights saturate VPMADDUBSW's 16-bit sums.
+    """
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    choice = choice or hardware.choose_int8(hardware.detect())
+    log.info("int8 weight format: %s", choice)
 
     model, rewritten = gemm_to_matmul(onnx.load(str(src)))
     const = {t.name for t in model.graph.initializer}
@@ -316,7 +324,7 @@ def quantize_step_int8(src: Path, dst: Path) -> dict[str, Any]:
         try:
             quantize_dynamic(str(plain), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls,
                              per_channel=True, weight_type=QuantType.QInt8,
-                             extra_options={"MatMulConstBOnly": True})
+                             reduce_range=choice.value == "reduce_range", extra_options={"MatMulConstBOnly": True})
         finally:
             logging.getLogger().disabled = was
     info = check_onnx(dst)
@@ -324,6 +332,9 @@ def quantize_step_int8(src: Path, dst: Path) -> dict[str, Any]:
     left = [n.name for n in q.graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in {t.name for t in q.graph.initializer}]
     info.update(
         method="onnxruntime.quantization.quantize_dynamic (weights int8 per channel, activations uint8 dynamic)",
+        weight_format=choice.value,
+        weight_format_reason=choice.reason,
+        exported_on=hardware.capability_tag(),
         gemm_rewritten_to_matmul=rewritten,
         weight_matmuls=len(weight_matmuls),
         quantized_matmuls=int(info["ops"].get("MatMulInteger", 0)),
@@ -645,6 +656,8 @@ def export_model(
                 "int8": {**caption_agreement(ort_fp32, ort_int8, vocab, calib_images, beam_size, max_len,
                                              references=calib_references, shared_encoder=True),
                          "calibration_set": calib_source,
+                         **{k: graphs["decoder_step_int8"][k] for k in ("weight_format", "weight_format_reason",
+                                                                          "exported_on")},
                          "step_error_greedy": step_error_along_greedy(ort_fp32, ort_int8, calib_images[:16],
                                                                       vocab.start_id, max_len)},
             }

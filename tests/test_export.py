@@ -137,7 +137,12 @@ def test_int8_caption_agreement_is_reported(manifest):
     print(f"\nint8 vs fp32 on {q['calibration_set']}: {q['identical_pct']}% identical, BLEU-4 {q['bleu4_vs_fp32']}, "
           f"vs references {q.get('bleu4_vs_references')}, step along greedy paths {q['step_error_greedy']}")
     assert q["images"] == 4 and q["calibration_set"] == "4 dataset images"  # the test split of 40 images
-    assert q["identical_pct"] >= 50.0
+    # The weight format comes from core.hardware.choose_int8 and is recorded with the exporting CPU.
+    assert q["weight_format"] == "reduce_range" and "reduce_range" in q["weight_format_reason"]
+    assert q["exported_on"].startswith(("AVX", "DEFAULT"))
+    # 7-bit weights: 4/4 here (AVX-512 VNNI) and on the AVX2-only kind, where full-range weights saturated
+    # VPMADDUBSW and gave 1/4. With 7 bits the u8s8 sums cannot saturate, so both kinds compute the same integers.
+    assert q["identical_pct"] >= 75.0
     assert q["bleu4_vs_fp32"] >= 0.5
     assert set(q["bleu4_vs_references"]) == {"fp32", "other"}
     err = q["step_error_greedy"]

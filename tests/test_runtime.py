@@ -98,7 +98,9 @@ def test_int8_step_runs_and_mostly_agrees(art, backends):
     q = Captioner(int8, beam_size=3).caption(art.images)
     rate = 100.0 * sum(a == b for a, b in zip(fp32, q)) / len(q)
     print(f"\nint8 vs fp32 beam-3 captions identical on {len(q)} images: {rate:.0f}%")
-    assert rate >= 50.0
+    # 7/8 with 7-bit weights (reduce_range) on AVX-512 VNNI and on AVX2-only CPUs alike (85% of all 40 synthetic
+    # images); full-range weights gave 3/8 on AVX2, where VPMADDUBSW's 16-bit sums saturate.
+    assert rate >= 75.0
 
 
 def test_eager_from_the_export_dir_equals_eager_from_the_checkpoint(art, backends, encodings):
