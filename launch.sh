@@ -25,6 +25,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   bench [ARGS]     python bench/report.py ARGS (benchmarks, markdown table, chart)
   doctor           what this machine can do (CPU ISA, bf16, VNNI, GPUs, DALI, ONNX Runtime CUDA) and what the
                    toolkit chooses from it (training precision, captioning path, int8 format, DALI decoder)
+  gpu-check        with an NVIDIA GPU: gpu tests, torchrun NCCL+DALI+AMP training, --fp16 export, ORT CUDA parity,
+                   GPU benchmarks, a table, <= 8 min, exit 1 on a failure; without a GPU: one line, exit 0
   help             this text
 
 environment: NPROC (processes for train), VENV (virtualenv path, default .venv), DEMO_DIR (default runs/demo)
@@ -90,5 +92,6 @@ case "$cmd" in
     bench) setup; exec "$PY" bench/report.py "$@" ;;
     doctor) setup; exec "$PY" -m distributed.doctor "$@" ;;
     demo) setup; demo "$@" ;;
+    gpu-check) [[ -x "$PY" ]] || PY=python3; exec "$PY" -m tools.gpu_check "$@" ;;  # no setup: offline GPU machine
     *) echo "unknown command: $cmd" >&2; usage >&2; exit 2 ;;
 esac
