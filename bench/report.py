@@ -1,15 +1,18 @@
 """Run the benchmark suite and write a report: medians, ratios against the tutorial reference, targets, chart.
 
-    python bench/report.py                 # full suite, real shapes (a few minutes on 2 cores)
+    python bench/report.py                 # full suite, real shapes, within --budget-min (default 8 minutes)
     python bench/report.py --quick         # CI smoke: small shapes, one round each (well under a minute)
     ./launch.sh bench [--quick]            # the same through the launcher
     python bench/report.py --groups step,beam          # only some families (encoder, step, caption, beam, train)
-    python bench/report.py --from-json bench/results/latest.json   # re-render a report without re-running
+    python bench/report.py --budget-min 30             # more time: every row on a slow machine
+    python bench/report.py --from-results  # re-render the newest run without re-running (a killed run too)
     python bench/report.py -- -k ort       # anything after -- goes to pytest
 
-Writes into bench/results/ (git-ignored; --out DIR elsewhere): bench-<time>[-quick].json (pytest-benchmark's
-JSON), latest.json (a copy), report.md and report.png. Exit status: pytest's (a caption mismatch between fp32
-backends fails the run); with --strict also 3 when a target is missed.
+Writes into bench/results/ (git-ignored; --out DIR elsewhere): bench-<time>[-quick].jsonl, one line per result
+appended as each benchmark ends (bench/results.py), then report.md and report.png from whatever it holds. The
+benchmarks run in bench/plan.py's order (the targets' rows first); one that would not end within the budget is
+recorded as "not run: budget", and bf16 rows are not run on a CPU without native bf16. Exit status: pytest's (a
+caption mismatch between fp32 backends fails the run); with --strict also 3 when a target is missed.
 
 Targets (CPU, full shapes, medians of one run, ratios against the reference):
     end to end 1 image beam 5: ORT >= 3x faster       end to end 32 images: ORT throughput >= 5x
@@ -20,9 +23,7 @@ Targets (CPU, full shapes, medians of one run, ratios against the reference):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import results  # noqa: E402
+
 BENCH = ROOT / "bench"
+DEFAULT_BUDGET_MIN = 8.0  # + start-up and rendering: well under 12 minutes, on the AVX2-only kind too
 TRAIN_FILE = BENCH / "test_bench_train.py"  # the training benchmarks (owned by the training code's authors)
 FAMILIES = {"encoder": "bench_encoder", "step": "bench_step", "caption": "bench_caption", "beam": "bench_beam",
             "train": "bench_train"}
@@ -49,18 +53,18 @@ BACKEND_LABEL = {
     "ort_int8": "ONNX Runtime int8 step",
     "ort_fp16": "ONNX Runtime fp16",
     "ort_bf16enc": "eager bf16 encoder + ORT fp32 step",
-    "ort_int8enc": "ORT int8 encoder (bench-made, VNNI) + ORT fp32 step",
+    "ort_int8enc": "ORT int8 encoder (bench-made) + ORT fp32 step",
 }
-ENCODER_LABEL = {"ort_int8enc": "ORT int8 encoder (bench-made, VNNI)"}  # the step part is unused in encoder groups
+ENCODER_LABEL = {"ort_int8enc": "ORT int8 encoder (bench-made)"}  # the step part is unused in encoder groups
 KIND_ORDER = ["encoder_small", "encoder_large", "step_small", "step_large", "caption_small", "caption_large", "beam_large"]
 
 
 # ------------------------------------------------------------------------------------------------ running
-def run_pytest(args: argparse.Namespace, json_path: Path) -> int:
+def run_pytest(args: argparse.Namespace, results_path: Path, deadline: float) -> int:
+    """Run the suite in a child pytest; it appends each result to results_path as it ends (bench/conftest.py)."""
     cmd = [
         sys.executable, "-m", "pytest", str(BENCH), "-p", "no:cacheprovider", "-q",
-        f"--benchmark-json={json_path}", "--benchmark-group-by=group", "--benchmark-sort=name",
-        "--benchmark-columns=median,min,max,rounds",
+        "--benchmark-group-by=group", "--benchmark-sort=name", "--benchmark-columns=median,min,max,rounds",
     ]
     marks = []
     if args.groups:
@@ -76,11 +80,17 @@ def run_pytest(args: argparse.Namespace, json_path: Path) -> int:
     cmd += args.pytest_args
     env = dict(os.environ)
     env["SAT_BENCH_QUICK"] = "1" if args.quick else "0"
+    env["SAT_BENCH_RESULTS"] = str(results_path)
+    env["SAT_BENCH_DEADLINE"] = str(deadline)
     if args.threads:
         env["SAT_BENCH_THREADS"] = str(args.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
     print("[bench] " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT, env=env)
+    try:
+        return subprocess.call(cmd, cwd=ROOT, env=env)
+    except KeyboardInterrupt:  # the child got the same signal; render what it measured
+        print("[bench] interrupted: the report shows what was measured", file=sys.stderr)
+        return 130
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -323,8 +333,8 @@ def machine_section(data: dict) -> list[str]:
     cfg = ours.get("config", {})
     lines = ["## Machine and configuration", ""]
     items = [
-        ("CPU", f"{ours.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}, {ours.get('cpu_cores', '?')} cores"
-                + (f" ({', '.join(ours['cpu_flags'])})" if ours.get("cpu_flags") else "")),
+        ("CPU", f"{ours.get('cpu_model', mi.get('cpu', {}).get('brand_raw', '?'))}, {ours.get('cpu_cores', '?')} cores, "
+                f"kernels **{cpu_tag(data)}**" + (f" ({', '.join(ours['cpu_flags'])})" if ours.get("cpu_flags") else "")),
         ("GPU", ours.get("gpu", "none")),
         ("software", f"Python {ours.get('python', mi.get('python_version', '?'))}, torch {ours.get('torch', '?')}, "
                      f"onnxruntime {ours.get('onnxruntime', '?')}, numpy {ours.get('numpy', '?')}"),
@@ -334,7 +344,7 @@ def machine_section(data: dict) -> list[str]:
                    f"regions; attention/embedding/decoder {cfg.get('attention_dim')}/{cfg.get('embed_dim')}/{cfg.get('decoder_dim')}; "
                    f"vocabulary {cfg.get('vocab_size')}; beam {cfg.get('beam_size')}; {cfg.get('max_len')} steps"
                    + (" (QUICK mode: small shapes, single rounds, speed not judged)" if cfg.get("quick") else "")),
-        ("pytest-benchmark", f"{data.get('version', '?')}, started {data.get('datetime', '?')}"),
+        ("started", f"{data.get('datetime', '?')}"),
     ]
     bw = _bandwidth(data)
     if bw:
@@ -352,6 +362,29 @@ def machine_section(data: dict) -> list[str]:
     return lines + [""]
 
 
+def cpu_tag(data: dict) -> str:
+    """The capability tag of the CPU the run measured on (core.hardware.capability_tag), e.g. 'AVX2'."""
+    return data.get("run", {}).get("capability") or data.get("machine_info", {}).get("sat_bench", {}).get("capability", "?")
+
+
+def not_run_section(data: dict) -> list[str]:
+    """Rows left out (budget, no native bf16, cut short) and failures: listed, never silently dropped."""
+    gpu = [r for r in data["not_run"] if r["name"].startswith(("test_train_step_gpu", "test_loader_gpu")) or "[cuda-" in r["name"]]
+    cpu = [r for r in data["not_run"] if r not in gpu]
+    lines = []
+    if data.get("end") is None:
+        lines += [f"> **This run was cut short** (no end record): {len(data['benchmarks'])} benchmarks were measured "
+                  "before it stopped; the rest are listed below as not run.", ""]
+    if cpu or data["failed"]:
+        lines += ["## Not run or failed", "", "| benchmark | group | why |", "|---|---|---|"]
+        lines += [f"| {r['name']} | {r.get('group') or '-'} | {r['reason']} |" for r in cpu]
+        lines += [f"| {r['name']} | {r.get('group') or '-'} | **failed**: {r['reason']} |" for r in data["failed"]]
+        lines.append("")
+    if gpu:
+        lines += [f"{len(gpu)} GPU rows not run ({gpu[0]['reason']}).", ""]
+    return lines
+
+
 def _bandwidth(data: dict) -> dict | None:
     for b in data.get("benchmarks", []):
         bw = (b.get("extra_info") or {}).get("bandwidth")
@@ -360,11 +393,11 @@ def _bandwidth(data: dict) -> dict | None:
     return None
 
 
-def floor_section(rows: list[dict]) -> list[str]:
+def floor_section(rows: list[dict], tag: str) -> list[str]:
     steps = [r for r in rows if r["kind"] in ("step_small", "step_large") and r["device"] == "cpu" and "floor_ms" in r["info"]]
     if not steps:
         return []
-    lines = ["## Hardware floor of the decoder step", "",
+    lines = [f"## Hardware floor of the decoder step (CPU {tag})", "",
              "Bytes a step must read (every weight of decode_step, f_beta, fc, decoder_att, full_att once; one "
              "embedding row per row; enc_out and enc_att once per image; h and c) divided by the memory bandwidth "
              "measured in this run (large array copy, bytes read + written over time). The bytes count fp32 weights: "
@@ -377,21 +410,23 @@ def floor_section(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def build_report(data: dict, json_name: str, charts: list[str], command: str, exit_code: int | None) -> tuple[str, list[dict]]:
+def build_report(data: dict, results_name: str, charts: list[str], command: str, exit_code: int | None) -> tuple[str, list[dict]]:
     rows = load_rows(data)
-    cfg = data.get("machine_info", {}).get("sat_bench", {}).get("config", {})
+    cfg = data.get("run", {}).get("config") or data.get("machine_info", {}).get("sat_bench", {}).get("config", {})
     quick = bool(cfg.get("quick"))
-    lines = ["# Benchmark report" + (" (quick mode)" if quick else ""), ""]
-    lines += [f"Command: `{command}`; raw results: `{json_name}`" + (f"; pytest exit status {exit_code}" if exit_code is not None else ""), ""]
+    tag = cpu_tag(data)
+    lines = ["# Benchmark report" + (" (quick mode)" if quick else "") + f", measured on CPU {tag}", ""]
+    lines += [f"Command: `{command}`; raw results: `{results_name}`" + (f"; pytest exit status {exit_code}" if exit_code is not None else ""), ""]
     lines += ["Medians of one run. Every ratio is measured against the reference: the canonical tutorial's eager "
               "per-image beam search (bench/reference.py: one image at a time, the k beams as the batch, features "
               "tiled per beam, the encoder attention projection recomputed every step, finished beams removed). "
               "Our backends run `core.decode.beam_search(..., early_stop=False)`: a fixed number of steps for "
               "every backend.", ""]
     lines += machine_section(data)
+    lines += not_run_section(data)
 
     targets = evaluate_targets(rows, quick)
-    lines += ["## Targets (CPU)", "", "| target | measured | goal | status |", "|---|---|---|---|"]
+    lines += [f"## Targets (CPU {tag})", "", "| target | measured | goal | status |", "|---|---|---|---|"]
     for t in targets:
         status = t["status"] if t["status"] != "MISSED" else "**MISSED**"
         lines.append(f"| {t['target']} | {t['measured'] or '-'} | {t['goal']} | {status} |")
@@ -410,21 +445,21 @@ def build_report(data: dict, json_name: str, charts: list[str], command: str, ex
             continue
         if device == "cuda":
             lines += ["ORT runs the CUDA provider with IO binding; every timed call ends with torch.cuda.synchronize().", ""]
+        where = f"CPU {tag}" + (f", GPU {data['machine_info']['sat_bench'].get('gpu', '?')}" if device == "cuda" else "")
         for g, rs in dev_groups.items():
-            lines += [f"### {g}", ""] + group_table(rs) + [""]
+            lines += [f"### {g} ({where})", ""] + group_table(rs) + [""]
     other = {g: rs for g, rs in groups.items() if not rs[0]["kind"]}
     if other:
         lines += ["## Other benchmarks", ""]
         for g, rs in other.items():
-            lines += [f"### {g}", ""] + group_table(rs) + [""]
-    lines += floor_section(rows)
+            lines += [f"### {g} (CPU {tag})", ""] + group_table(rs) + [""]
+    lines += floor_section(rows, tag)
     if charts:
         lines += ["## Charts", ""] + [f"![median time per backend]({c})" for c in charts] + [""]
     return "\n".join(lines), targets
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_args(argv: list[str]) -> argparse.Namespace:
     pytest_args: list[str] = []
     if "--" in argv:
         i = argv.index("--")
@@ -438,41 +473,63 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-train", action="store_true", help=f"leave out {TRAIN_FILE.name} (run by default, not in --quick)")
     p.add_argument("--cpu-only", action="store_true", help="deselect the gpu-marked benchmarks")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--budget-min", type=float, default=DEFAULT_BUDGET_MIN,
+                   help="start no benchmark that would end past this many minutes from now; those are recorded as "
+                        f"'not run: budget' (default {DEFAULT_BUDGET_MIN:g})")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory (default bench/results)")
-    p.add_argument("--from-json", type=Path, default=None, help="render the report from an existing JSON, run nothing")
+    p.add_argument("--from-results", nargs="?", const="newest", default=None, metavar="FILE",
+                   help="render FILE (.jsonl, or an older pytest-benchmark .json), or the newest run in --out; run nothing")
     p.add_argument("--strict", action="store_true", help="exit 3 when a target is missed (full mode)")
     args = p.parse_args(argv)
     args.pytest_args = pytest_args
     for g in args.groups or []:
         if g not in FAMILIES:
             p.error(f"unknown group {g!r}; choose from {', '.join(FAMILIES)}")
+    return args
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    command = "python bench/report.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    exit_code: int | None = None
-    if args.from_json:
-        json_path = args.from_json
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        json_path = out / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
-        t0 = time.perf_counter()
-        exit_code = run_pytest(args, json_path)
-        print(f"[bench] pytest finished in {time.perf_counter() - t0:.0f} s (exit status {exit_code})", flush=True)
-        if not json_path.is_file():
-            print(f"[bench] no results were written ({json_path}); see the pytest output above", file=sys.stderr)
-            return exit_code or 1
-        shutil.copyfile(json_path, out / "latest.json")
-    data = json.loads(json_path.read_text())
+
+def render(path: Path, out: Path, command: str, exit_code: int | None) -> list[dict]:
+    """report.md (+ charts) in out from whatever the results file holds; returns the targets."""
+    data = results.load(path)
     chart, gpu_chart = out / "report.png", out / "report_gpu.png"
     has_chart = write_chart(load_rows(data), chart)
     has_gpu_chart = write_chart(load_rows(data), gpu_chart, device="cuda")
-    text, targets = build_report(data, json_path.name, [c.name for c, ok in ((chart, has_chart), (gpu_chart, has_gpu_chart)) if ok],
-                                 command, exit_code)
+    charts = [c.name for c, ok in ((chart, has_chart), (gpu_chart, has_gpu_chart)) if ok]
+    text, targets = build_report(data, path.name, charts, command, exit_code)
     (out / "report.md").write_text(text + "\n", encoding="utf-8")
-    print(f"[bench] wrote {out / 'report.md'}" + (f" and {chart}" if has_chart else ""))
-    if not has_gpu_chart and gpu_chart.exists():
-        gpu_chart.unlink()  # a stale chart from an earlier GPU run would contradict this report
+    print(f"[bench] wrote {out / 'report.md'}" + (f" and {chart}" if has_chart else "")
+          + f" ({len(data['benchmarks'])} benchmarks, {len(data['not_run'])} not run, CPU {cpu_tag(data)})")
+    for stale, ok in ((chart, has_chart), (gpu_chart, has_gpu_chart)):
+        if not ok and stale.exists():
+            stale.unlink()  # a chart from an earlier run would contradict this report
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python bench/report.py " + " ".join(argv)
+    exit_code: int | None = None
+    if args.from_results:
+        path = results.newest(out) if args.from_results == "newest" else Path(args.from_results)
+        if path is None or not path.is_file():
+            print(f"[bench] no results to render ({args.from_results} in {out})", file=sys.stderr)
+            return 1
+    else:
+        from core import hardware
+
+        print(f"[bench] {hardware.summary()}; budget {args.budget_min:g} min", flush=True)
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = out / f"bench-{stamp}{'-quick' if args.quick else ''}.jsonl"
+        t0 = time.perf_counter()
+        exit_code = run_pytest(args, path, deadline=time.time() + 60 * args.budget_min)
+        print(f"[bench] pytest finished in {time.perf_counter() - t0:.0f} s (exit status {exit_code})", flush=True)
+        if not path.is_file():
+            print(f"[bench] no results were written ({path}); see the pytest output above", file=sys.stderr)
+            return exit_code or 1
+    targets = render(path, out, command, exit_code)
     for t in targets:
         print(f"[bench] {t['status']:>12}  {t['target']}: {t['measured'] or '-'} (goal {t['goal']})")
     if exit_code:

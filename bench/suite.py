@@ -19,12 +19,13 @@
 Backends (names used in the tests and the report):
     reference    the tutorial's per-image eager loop (bench/reference.py)
     eager        export.runtime.EagerBackend, fp32
-    eager_bf16   eager with the encoder under torch.autocast(bfloat16); steps fp32 (encoder group only)
+    eager_bf16   eager with the encoder under torch.autocast(bfloat16); steps fp32 (encoder group only); like
+                 ort_bf16enc, not run on a CPU without native bf16 (bench/plan.py)
     torchscript  export.runtime.TorchScriptBackend
     ort          export.runtime.OrtBackend, fp32 (CPU provider; CUDA provider with IO binding on GPU)
     ort_int8     OrtBackend with decoder_step.int8.onnx (dynamic int8); encoder fp32
     ort_bf16enc  the eager bf16 encoder + the ORT fp32 step (a faster encoder path for many images)
-    ort_int8enc  an int8 (VNNI) quantization of encoder.onnx made here (bench/quantize.py) + the ORT fp32 step
+    ort_int8enc  an int8 quantization of encoder.onnx made here (bench/quantize.py) + the ORT fp32 step
                  (CPU only; the export does not ship an int8 encoder: this measures whether it should)
 """
 
@@ -42,6 +43,7 @@ import torch
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from bench.config import BenchConfig
+from core import hardware
 from core.decode import Encoded, Hypothesis, beam_search
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
@@ -52,10 +54,7 @@ APPROXIMATE = ("ort_int8", "ort_bf16enc", "ort_int8enc")  # agreement rate repor
 
 
 def cuda_available() -> bool:
-    try:
-        return torch.cuda.is_available()
-    except Exception:
-        return False
+    return hardware.detect().cuda
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -395,12 +394,18 @@ def get_suite(cfg: BenchConfig, device: str = "cpu", tmp_root: Path | None = Non
 
 # --------------------------------------------------------------------------------------------- the machine
 def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """The machine as the report names it: core.hardware's detection, software versions, threads, load."""
     import numpy as np
 
+    from core import hardware
+
+    hw = hardware.detect()
     info: dict[str, Any] = {
-        "cpu_model": _cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_flags": _cpu_flags(),
+        "cpu_model": hw.cpu.model,
+        "cpu_cores": hw.cpu.cores,
+        "cpu_flags": sorted(hw.cpu.flags),
+        "capability": hardware.capability_tag(hw),
+        "hardware": hardware.summary(hw),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -414,26 +419,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
         info["ort_providers"] = ort.get_available_providers()
     with contextlib.suppress(Exception):
         info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-    if cuda_available():
-        with contextlib.suppress(Exception):
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["cuda"] = torch.version.cuda
+    if hw.gpus:
+        info["gpu"] = hw.gpus[0].name
+        info["cuda"] = torch.version.cuda
     return info
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    return []

@@ -5,7 +5,8 @@
 Groups:
   train-step-cpu   one optimizer step of the demo model (ResNet-18 at 128 px, 4x4 grid, batch 16), fp32 vs bf16
                    autocast (and bf16 with channels-last convolutions, the trainer's default), on one CPU thread (what
-                   each of the demo's 2 processes gets); extra_info: samples/s
+                   each of the demo's 2 processes gets); extra_info: samples/s. The bf16 rows are not run on a CPU
+                   without native bf16 (bench/plan.py: emulated, about 30x slower)
   loader-cpu       one epoch over 256 synthetic 128-px images (train transform, batch 16, pipeline set-up included):
                    DALI CPU pipeline vs torch DataLoader, both with 1 thread / in-process loading; extra_info: images/s
   train-step-gpu, loader-gpu   the same on CUDA (bf16 / fp16; DALI "mixed" decode vs torch + pinned memory), marked gpu
@@ -83,10 +84,16 @@ def _step_fn(device: str, amp: torch.dtype | None, channels_last: bool = False):
     return step
 
 
+def _record_rate(benchmark, key: str, items: int) -> None:
+    """items per second of the mean round; nothing under --benchmark-disable (no stats are kept)."""
+    if benchmark.stats is not None:
+        benchmark.extra_info[key] = round(items / benchmark.stats.stats.mean, 1)
+
+
 def _run_step(benchmark, device, amp, rounds, channels_last=False):
     step = _step_fn(device, amp, channels_last)
     benchmark.pedantic(step, rounds=rounds, iterations=1)
-    benchmark.extra_info["samples_per_s"] = round(BATCH / benchmark.stats.stats.mean, 1)
+    _record_rate(benchmark, "samples_per_s", BATCH)
 
 
 @pytest.mark.benchmark(group="train-step-cpu")
@@ -120,7 +127,7 @@ def _run_loader(benchmark, bench_data, kind, device, workers):
 
     assert one_pass() == IMAGES  # warm-up, and every image once
     benchmark.pedantic(one_pass, rounds=3, iterations=1)
-    benchmark.extra_info["images_per_s"] = round(IMAGES / benchmark.stats.stats.mean, 1)
+    _record_rate(benchmark, "images_per_s", IMAGES)
     loader.close()
 
 
