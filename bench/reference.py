@@ -5,13 +5,14 @@ This re-implements, from its published algorithm, ``caption_image_beam_search`` 
 ``core.model.CaptionModel``:
 
 - one image at a time, the k beams as the batch;
-- the image's features tiled k times (``expand``, then materialized by indexing with the surviving beams);
+- the image's features tiled k times, materialized by indexing at every step (the tutorial's
+  ``encoder_out[prev_word_inds[incomplete_inds]]``);
 - the attention's encoder projection ``encoder_att(encoder_out)`` recomputed at every step for every beam
   (the tutorial's ``Attention.forward``), and the weighted encoding as ``(encoder_out * alpha).sum(1)``;
-- at step 1 only beam 0 is expanded; a beam that emits <end> is moved to the completed list and removed from the
-  batch (k shrinks); the search stops when no beam is left or after ``max_len`` steps;
-- the result is the completed sequence with the best (unnormalized) score. Where none completed (the tutorial
-  would fail on ``max([])``) the best unfinished one is returned.
+- the search decisions are ``core.decode.beam_search(search="tutorial")``'s, the one implementation of the
+  tutorial's: at step 1 only beam 0 is expanded; a beam that emits <end> is set aside as complete (k shrinks);
+  the search stops when no beam is left or after ``max_len`` steps; the result is the complete sequence with the
+  best (unnormalized) score. A set-aside beam stays a row scored -inf (the tutorial drops it from the batch).
 
 The tutorial's own loop is eager PyTorch fp32 on whatever device the image is on; so is this.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.decode import Hypothesis
+from core.decode import Encoded, Hypothesis, beam_search
 from core.model import CaptionModel, DecoderWithAttention
 
 
@@ -65,68 +66,28 @@ def tutorial_beam_search(
 ) -> Hypothesis:
     """Beam search for ONE image. encoder_out: the encoder's output for it, (1,S,S,C) or (1,P,C).
 
-    ``stats`` (optional) accumulates the work done: "images", "steps" and "rows" (beams stepped, summed over
-    steps), so a benchmark can show that the reference did (at most) the fixed work of the batched search.
+    The decisions are core.decode's tutorial search (the one implementation of the tutorial's algorithm); the
+    work is the tutorial's: the k beams as the batch, features tiled per beam and ``encoder_att`` recomputed in
+    every step. ``stats`` (optional) accumulates the work done: "images", "steps" and "rows" (beams stepped,
+    summed over steps), so a benchmark can show that the reference did (at most) the fixed work of the batched
+    search.
     """
-    k = beam_size
-    vocab_size = decoder.fc.out_features
-    encoder_dim = encoder_out.shape[-1]
-    encoder_out = encoder_out.reshape(1, -1, encoder_dim)  # (1, P, C)
-    num_pixels = encoder_out.shape[1]
-    encoder_out = encoder_out.expand(k, num_pixels, encoder_dim)  # (k, P, C)
-    dev = encoder_out.device
+    encoder_out = encoder_out.reshape(1, -1, encoder_out.shape[-1])  # (1, P, C)
+    h, c = decoder.init_hidden_state(encoder_out)  # (1, D) each
+    no_att = encoder_out.new_empty(*encoder_out.shape[:2], 0)  # (1, P, 0): tutorial_step recomputes it
 
-    k_prev_words = torch.full((k,), start_id, dtype=torch.long, device=dev)
-    seqs = k_prev_words.unsqueeze(1)  # (k, 1) the sequences so far, <start> included
-    top_k_scores = torch.zeros(k, 1, device=dev)
-    seqs_alpha = torch.ones(k, 1, num_pixels, device=dev)
-    complete_seqs: list[list[int]] = []
-    complete_alphas: list[Tensor] = []
-    complete_scores: list[float] = []
-
-    h, c = decoder.init_hidden_state(encoder_out)  # (k, D) each
-    step = 1
-    while True:
+    def step(words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, _enc_att: Tensor):
         if stats is not None:
             stats["steps"] = stats.get("steps", 0) + 1
-            stats["rows"] = stats.get("rows", 0) + k
-        scores, h, c, alpha = tutorial_step(decoder, k_prev_words, h, c, encoder_out)
-        scores = top_k_scores.expand_as(scores) + scores  # (k, V)
-        if step == 1:  # all k beams hold the same <start>: expand beam 0 only
-            top_k_scores, top_k_words = scores[0].topk(k, 0, True, True)
-        else:
-            top_k_scores, top_k_words = scores.view(-1).topk(k, 0, True, True)
-        prev_word_inds = torch.div(top_k_words, vocab_size, rounding_mode="floor")  # (k,)
-        next_word_inds = top_k_words % vocab_size
-        seqs = torch.cat([seqs[prev_word_inds], next_word_inds.unsqueeze(1)], dim=1)
-        seqs_alpha = torch.cat([seqs_alpha[prev_word_inds], alpha[prev_word_inds].unsqueeze(1)], dim=1)
+            stats["rows"] = stats.get("rows", 0) + len(words)
+        tiled = enc_out[torch.zeros(len(words), dtype=torch.long, device=enc_out.device)]  # (k, P, C): a copy
+        return tutorial_step(decoder, words, h, c, tiled)
 
-        next_words = next_word_inds.tolist()
-        incomplete_inds = [i for i, w in enumerate(next_words) if w != end_id]
-        complete_inds = [i for i, w in enumerate(next_words) if w == end_id]
-        if complete_inds:
-            complete_seqs.extend(seqs[complete_inds].tolist())
-            complete_alphas.extend(seqs_alpha[complete_inds])
-            complete_scores.extend(top_k_scores[complete_inds].tolist())
-        k -= len(complete_inds)
-        if k == 0 or step >= max_len:
-            break
-        keep = prev_word_inds[incomplete_inds]
-        seqs, seqs_alpha = seqs[incomplete_inds], seqs_alpha[incomplete_inds]
-        h, c = h[keep], c[keep]
-        encoder_out = encoder_out[keep]  # the tiled features follow their beams (a copy, as in the tutorial)
-        top_k_scores = top_k_scores[incomplete_inds].unsqueeze(1)
-        k_prev_words = next_word_inds[incomplete_inds]
-        step += 1
-
+    (hyp,) = beam_search(Encoded(encoder_out, no_att, h, c), step, beam_size, max_len, start_id, end_id,
+                         search="tutorial")
     if stats is not None:
         stats["images"] = stats.get("images", 0) + 1
-    if not complete_seqs:  # max_len reached with no <end>: best unfinished beam
-        complete_seqs, complete_alphas = seqs.tolist(), list(seqs_alpha)
-        complete_scores = top_k_scores.view(-1).tolist()
-    best = max(range(len(complete_scores)), key=complete_scores.__getitem__)
-    tokens = [t for t in complete_seqs[best][1:] if t != end_id]  # drop <start> and <end>
-    return Hypothesis(tokens, float(complete_scores[best]), complete_alphas[best][1 : 1 + len(tokens)].cpu())
+    return hyp
 
 
 @torch.no_grad()

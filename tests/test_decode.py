@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from core.decode import Encoded, beam_search, greedy_search
+from core.decode import SEARCHES, Encoded, beam_search, greedy_search
 from core.model import CaptionModel, ModelConfig
 
 START, END = 1, 2
@@ -29,19 +29,22 @@ def encoded(model) -> Encoded:
         return model.encode(torch.randn(5, 3, 64, 64))
 
 
-def test_beam_size_one_equals_greedy(model, encoded):
+@pytest.mark.parametrize("search", SEARCHES)
+def test_beam_size_one_equals_greedy(model, encoded, search):
     greedy = greedy_search(encoded, model.step, max_len=12, start_id=START, end_id=END)
-    beam = beam_search(encoded, model.step, beam_size=1, max_len=12, start_id=START, end_id=END)
+    beam = beam_search(encoded, model.step, beam_size=1, max_len=12, start_id=START, end_id=END, search=search)
     assert [h.tokens for h in greedy] == [h.tokens for h in beam]
     assert [h.score for h in greedy] == pytest.approx([h.score for h in beam], abs=1e-4)
 
 
+@pytest.mark.parametrize("search", SEARCHES)
 @pytest.mark.parametrize("beam_size", [1, 3, 5])
-def test_batched_equals_one_image_at_a_time(model, encoded, beam_size):
-    batched = beam_search(encoded, model.step, beam_size=beam_size, max_len=12, start_id=START, end_id=END)
+def test_batched_equals_one_image_at_a_time(model, encoded, beam_size, search):
+    kw = dict(beam_size=beam_size, max_len=12, start_id=START, end_id=END, search=search)
+    batched = beam_search(encoded, model.step, **kw)
     for i, hyp in enumerate(batched):
         single = Encoded(*(t[i : i + 1] for t in encoded))
-        (alone,) = beam_search(single, model.step, beam_size=beam_size, max_len=12, start_id=START, end_id=END)
+        (alone,) = beam_search(single, model.step, **kw)
         assert hyp.tokens == alone.tokens
         assert hyp.score == pytest.approx(alone.score, abs=1e-4)
         assert torch.allclose(hyp.alphas, alone.alphas, atol=1e-5)
@@ -133,3 +136,64 @@ def test_bad_arguments_are_named():
     bad = Encoded(torch.zeros(2, 4, 2), torch.zeros(3, 4, 3), torch.zeros(2, 5), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="enc_att"):
         beam_search(bad, lm, beam_size=2, max_len=5, start_id=START, end_id=END)
+
+
+class IssueCase(TableLM):
+    """The case of issue 10, beam 2: a caption that finishes early and must survive better unfinished beams.
+
+    Words: 3 "a", 4 "b", 5 "c", 6 "d", 7 "x", 8 "y", 9..19 a tail of unlikely words (the rest of each row).
+    <start>: a 0.5, b 0.45. a: <end> 2e^-2.954 (so "a" scores -2.954). b: c 0.6, d 0.1. c: x 0.42, y 0.38.
+    x: <end> e^-3.287 / (0.45*0.6*0.42) (so "b c x" scores -3.287). y: <end> 0.3. d and the tail: <end> 0.9.
+    Step 2's top two are "b c" (0.27) and "a <end>" (0.052). A search that keeps the finished "a" in its slot
+    loses it at step 3 to "b c x" (0.113) and "b c y" (0.103), which then end lower (-3.287): the old search's
+    answer. The tutorial sets "a" aside and returns it; so must the default search.
+    """
+
+    def __init__(self):
+        v, tail = 20, list(range(9, 20))
+
+        def row(probs):
+            p = torch.zeros(v)
+            for w, q in probs.items():
+                p[w] = q
+            p[tail] += (1 - sum(probs.values())) / len(tail)
+            return p
+
+        table = torch.stack([row({END: 1.0})] * v)
+        table[START] = row({3: 0.5, 4: 0.45})
+        table[3] = row({END: 2 * math.exp(-2.954)})
+        table[4] = row({5: 0.6, 6: 0.1})
+        table[5] = row({7: 0.42, 8: 0.38})
+        table[7] = row({END: math.exp(-3.287) / (0.45 * 0.6 * 0.42)})
+        table[8] = row({END: 0.3})
+        for w in [6, *tail]:
+            table[w] = row({END: 0.9})
+        self.logprobs = table.clamp(min=1e-12).log()
+        self.calls = 0
+
+
+@pytest.mark.parametrize("search", SEARCHES)
+def test_a_finished_caption_is_never_lost(search):
+    lm = IssueCase()
+    (hyp,) = beam_search(lm.encoded(1), lm, beam_size=2, max_len=10, start_id=START, end_id=END, search=search)
+    assert hyp.tokens == [3]
+    assert hyp.score == pytest.approx(-2.954, abs=1e-4)
+
+
+def test_early_stop_waits_while_a_live_beam_can_still_win_after_length_normalization():
+    # Raw sums: "b" (0.36) is final once found, and no live beam can beat it. Per-word averages: "a c <end>"
+    # (log 0.30 / 3) beats "b <end>" (log 0.36 / 2) although its sum is lower, so the search must go on.
+    raw, norm = TableLM(), TableLM()
+    assert beam_search(raw.encoded(1), raw, beam_size=2, max_len=10, start_id=START, end_id=END)[0].tokens == [4]
+    hyp = beam_search(norm.encoded(1), norm, beam_size=2, max_len=10, start_id=START, end_id=END, length_norm=1.0)[0]
+    assert hyp.tokens == [3, 5] and hyp.score == pytest.approx(math.log(0.3) / 3, abs=1e-5)
+    assert raw.calls < norm.calls < 10
+
+
+def test_tutorial_search_arguments():
+    lm = TableLM()
+    with pytest.raises(ValueError, match="raw score"):
+        beam_search(lm.encoded(1), lm, beam_size=2, max_len=5, start_id=START, end_id=END, search="tutorial",
+                    length_norm=1.0)
+    with pytest.raises(ValueError, match="search must be one of"):
+        beam_search(lm.encoded(1), lm, beam_size=2, max_len=5, start_id=START, end_id=END, search="fairseq")
