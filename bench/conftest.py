@@ -128,7 +128,8 @@ def pytest_runtest_makereport(item, call):
     run = getattr(item.config, "_sat_run", None)
     if run is None or report.when != "call":
         return
-    run.budget.finished(item_params(item), run.cfg, call.duration)
+    if hasattr(item, "_sat_estimate"):  # a budgeted (CPU) benchmark: teaches the budget this machine's speed
+        run.budget.finished(item_params(item), run.cfg, call.duration)
     bench = item.funcargs.get("benchmark")
     stats = getattr(bench, "stats", None)
     if report.failed:
@@ -167,8 +168,9 @@ def bench_cfg():
 
 
 @pytest.fixture(scope="session")
-def bench_suite(bench_cfg, tmp_path_factory):
+def bench_suite(bench_cfg, tmp_path_factory, request):
     """bench_suite(device) -> bench.suite.Suite, built (model, export, backends) once per device and config."""
+    from bench.plan import item_params
     from bench.suite import cuda_available, get_suite
 
     root = tmp_path_factory.mktemp("sat-bench")
@@ -178,7 +180,8 @@ def bench_suite(bench_cfg, tmp_path_factory):
             pytest.skip("no CUDA GPU")
         return get_suite(bench_cfg, device, root)
 
-    get("cpu")  # built in this set-up, so the model and export time counts in no benchmark's call (the budget's)
+    if any(item_params(it).get("device") == "cpu" for it in request.session.items):
+        get("cpu")  # built in this set-up, so the model and export time is in no benchmark's call (the budget's)
     return get
 
 

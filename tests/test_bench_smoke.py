@@ -144,7 +144,7 @@ def test_budget_orders_and_leaves_out_what_does_not_fit(monkeypatch):
     # The AVX2 prior, then what the machine showed: 10x slower than the estimates on 100 s of benchmarks.
     b = plan.Budget.for_hardware(None, fake_hw(False))
     assert b.slowdown == 3.0
-    monkeypatch.setattr(plan, "estimate_s", lambda params, cfg, first_use=True: 10.0)
+    monkeypatch.setattr(plan, "estimate_s", lambda params, cfg, first_use=None: 10.0)
     for _ in range(10):
         b.finished(first, cfg, 100.0)
     assert 9.0 < b.slowdown < 10.0
