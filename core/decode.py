@@ -129,6 +129,14 @@ class _Live:
         return _take(self.tokens, i)[:, 0], _take(self.alphas, i)[:, 0], _take(ranked, i)[:, 0]
 
 
+def check_search(search: str, length_norm: float = 0.0) -> None:
+    """A ValueError unless ``search`` names a search that can rank with ``length_norm``."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
+    if search == "tutorial" and length_norm:
+        raise ValueError("the tutorial's search ranks by raw score: length_norm must be 0 with search='tutorial'")
+
+
 @torch.no_grad()
 def beam_search(
     encoded: Encoded,
@@ -154,10 +162,7 @@ def beam_search(
 
     Beam size 1 gives the greedy result in both modes.
     """
-    if search not in SEARCHES:
-        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
-    if search == "tutorial" and length_norm:
-        raise ValueError("the tutorial's search ranks by raw score: length_norm must be 0 with search='tutorial'")
+    check_search(search, length_norm)
     encoded = _check_args(encoded, max_len, beam_size)
     live = _Live(encoded, step, beam_size, start_id)
     if search == "tutorial":

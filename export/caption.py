@@ -3,6 +3,7 @@
     python -m export.caption IMG [IMG|DIR ...] --model exported/ --backend ort --beam 5 [--json] [--save-dir DIR]
     python -m export.caption --data DATA_DIR --split test --limit 8 --model exported/     # held-out dataset images
     python -m export.caption --file-list files.txt --model runs/x/best.pt --backend eager
+    python -m export.caption IMG --model tutorial.pt --backend eager --search tutorial  # the tutorial's captions
 
 Output, one line per image on stdout: ``path<TAB>caption``, or with --json a JSON object per line
 ``{"file", "caption", "score"}``. A file that is not a readable image gets an ``error: ...`` line on stderr naming
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default 5)")
     p.add_argument("--max-len", type=int, default=None, help="maximum caption length (default: the manifest's, 20)")
     p.add_argument("--length-norm", type=float, default=0.0, help="rank by score / length**a (default 0: raw sum)")
+    p.add_argument("--search", choices=["default", "tutorial"], default="default",
+                   help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
+                        "caption_image_beam_search (its captions, word for word; see README)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (ORT intra-op / torch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
@@ -140,11 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         backend = load_backend(args.backend, args.model, threads=args.threads, int8=args.int8, fp16=args.fp16,
                                device=device, verify=not args.no_verify)
-        captioner = Captioner(backend, beam_size=args.beam, max_len=args.max_len, length_norm=args.length_norm)
+        captioner = Captioner(backend, beam_size=args.beam, max_len=args.max_len, length_norm=args.length_norm,
+                              search=args.search)
     except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    print(f"[caption] {backend.describe()}, beam {args.beam}, max_len {captioner.max_len}", file=sys.stderr)
+    print(f"[caption] {backend.describe()}, beam {args.beam} ({args.search} search), max_len {captioner.max_len}",
+          file=sys.stderr)
 
     for e in errors:
         print(f"error: {e}", file=sys.stderr)

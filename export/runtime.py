@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from core.data import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, load_image, to_rgb
-from core.decode import Encoded, Hypothesis, beam_search
+from core.decode import Encoded, Hypothesis, beam_search, check_search
 from core.vocab import Vocabulary, VocabFormatError
 from export.manifest import (
     ENCODER_FP16_ONNX,
@@ -135,6 +135,11 @@ class Backend:
     @property
     def image_size(self) -> int:
         return int(self.preprocess["image_size"])
+
+    @property
+    def decode_defaults(self) -> dict[str, Any]:
+        """Decoding settings recorded with the model (the manifest's ``decode`` section), e.g. max_len."""
+        return (self.manifest or {}).get("decode", {})
 
     def check_images(self, images: Any) -> Tensor:
         return check_images(images, self.image_size)
@@ -392,19 +397,26 @@ class EagerBackend(Backend):
     name = "eager"
 
     def __init__(self, model, vocab: Vocabulary | None = None, device: str | torch.device | None = None,
-                 preprocess: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None):
+                 preprocess: dict[str, Any] | None = None, manifest: dict[str, Any] | None = None,
+                 decode: dict[str, Any] | None = None):
         self.device = torch.device(device) if device else torch.device("cuda" if cuda_visible() else "cpu")
         self.model = model.eval().to(self.device)
         self.vocab = vocab
         self.manifest = manifest
         self.preprocess = preprocess or default_preprocess(model.cfg.image_size)
+        self._decode = decode
+
+    @property
+    def decode_defaults(self) -> dict[str, Any]:
+        return self._decode if self._decode is not None else super().decode_defaults
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "EagerBackend":
-        from core.checkpoint import model_from_checkpoint  # the checkpoint reader, not training code
+        from core.checkpoint import load_checkpoint, model_from_checkpoint  # the checkpoint reader, not training code
 
-        model, vocab = model_from_checkpoint(Path(path))
-        return cls(model, vocab, device)
+        state = load_checkpoint(path)
+        model, vocab = model_from_checkpoint(state, path)
+        return cls(model, vocab, device, decode=state.get("decode"))  # e.g. an imported tutorial model's max_len
 
     @classmethod
     def from_export_dir(cls, export_dir: str | os.PathLike, device: str | torch.device | None = None,
@@ -490,19 +502,21 @@ class Captioner:
     """Beam search (core.decode) over a backend, batched: N images x k beams are the M rows of one step."""
 
     def __init__(self, backend: Backend, vocab: Vocabulary | None = None, beam_size: int = 5,
-                 max_len: int | None = None, length_norm: float = 0.0, preprocess: dict[str, Any] | None = None):
+                 max_len: int | None = None, length_norm: float = 0.0, preprocess: dict[str, Any] | None = None,
+                 search: str = "default"):
         self.backend = backend
         self.vocab = vocab or backend.vocab
         if self.vocab is None:
             raise ValueError("no vocabulary: pass vocab= (the backend did not bring one)")
         if beam_size < 1:
             raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-        decode_defaults = (backend.manifest or {}).get("decode", {})
+        check_search(search, length_norm)
         self.beam_size = beam_size
-        self.max_len = int(max_len or decode_defaults.get("max_len", DEFAULT_MAX_LEN))
+        self.max_len = int(max_len or backend.decode_defaults.get("max_len", DEFAULT_MAX_LEN))
         if self.max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         self.length_norm = length_norm
+        self.search = search  # "default", or "tutorial": the tutorial's caption_image_beam_search decisions
         self.preprocessor = Preprocessor(preprocess or backend.preprocess)
 
     def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
@@ -510,7 +524,7 @@ class Captioner:
         images = self.backend.check_images(images)
         encoded = self.backend.encode(images)
         return beam_search(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
-                           self.vocab.end_id, length_norm=self.length_norm)
+                           self.vocab.end_id, length_norm=self.length_norm, search=self.search)
 
     def caption(self, images: Tensor) -> list[str]:
         return [self.vocab.decode(h.tokens) for h in self.caption_tensors(images)]
