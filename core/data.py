@@ -1,54 +1,41 @@
-"""Flickr8k data: caption files, train/val/test splits, caption tensors, image loading, datasets.
+"""Flickr8k datasets: captions and splits of a dataset directory, caption tensors, torch datasets.
 
-Expected layout (the real dataset, or one made by ``python -m core.synthetic DIR``)::
-
-    DATA_DIR/Images/*.jpg
-    DATA_DIR/Flickr8k.token.txt                 IMAGE.jpg#N<TAB>caption
-    DATA_DIR/Flickr_8k.{train,dev,test}Images.txt   optional official split (one image name a line)
-
-or captions and splits from Karpathy's ``dataset_flickr8k.json`` (``karpathy_json=``).
+Expected layout (the real dataset, or one made by ``python -m core.synthetic DIR``): see core.captions;
+or captions and splits from Karpathy's ``dataset_flickr8k.json`` (``karpathy_json=``). Images are read by
+core.images (the one loader), caption files by core.captions, splits made by core.splits.
 
 Captions and images travel separately: a dataset yields ``(image, index)`` and the batch's
 captions are looked up with :meth:`CaptionTable.sample`, one rule for the torch and DALI loaders.
 
     python -m core.data info DATA_DIR          counts of images, captions, splits, vocabulary
+    python -m core.data check DATA_DIR         every image and caption line checked (core.datacheck)
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import random
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import ExifTags, Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from core.fileio import read_json
+from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, parse_token_file
+from core.datacheck import add_check_command
+from core.images import image_transform, load_image
+# export/runtime.py imports these four from here.
+from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, to_rgb  # noqa: F401
+from core.skiplist import SkipList
+from core.splits import SPLIT_NAMES, Splits, load_karpathy_json, make_splits
 from core.vocab import Vocabulary, tokenize
-
-TOKEN_FILE = "Flickr8k.token.txt"
-IMAGES_DIR = "Images"
-OFFICIAL_SPLIT_FILES = {
-    "train": "Flickr_8k.trainImages.txt",
-    "val": "Flickr_8k.devImages.txt",
-    "test": "Flickr_8k.testImages.txt",
-}
-SPLIT_NAMES = ("train", "val", "test")
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# Train-time resize before the random crop, as a ratio of the crop (224 -> 252).
-TRAIN_RESIZE_RATIO = 1.125
 
 _LAYOUT_HELP = (
     "expected layout:\n"
@@ -59,197 +46,8 @@ _LAYOUT_HELP = (
 )
 
 
-class DataFormatError(ValueError):
-    """A data file exists but its content is not what was expected (message names file and line)."""
-
-
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset directory, its Images/ folder or its caption file is missing."""
-
-
-class ImageLoadError(ValueError):
-    """A file could not be decoded as an image (message names the file)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Caption files
-# --------------------------------------------------------------------------------------------
-def _read_lines(path: Path) -> Iterable[tuple[int, str]]:
-    """Yield ``(lineno, text)`` decoding each line as UTF-8 so an error can name its line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 BOM
-                raw = raw[3:]
-            try:
-                yield lineno, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataFormatError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})"
-                ) from None
-
-
-def parse_caption_line(line: str) -> tuple[str, str, str]:
-    """``(image, number, caption)`` of one ``IMAGE#N<TAB>caption`` line; DataFormatError says what is wrong."""
-    key, tab, caption = line.partition("\t")
-    if not tab:
-        raise DataFormatError(f"expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
-    name, hash_, n = key.strip().rpartition("#")
-    if not hash_ or not name:
-        raise DataFormatError(f"expected 'IMAGE#N' before the tab, got {key!r}")
-    if not n.isdigit():
-        raise DataFormatError(f"expected an integer caption number after '#', got {key!r}")
-    caption = caption.strip()
-    if not caption:
-        raise DataFormatError(f"empty caption for {key!r}")
-    return name, n, caption
-
-
-def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
-    """Parse ``Flickr8k.token.txt`` into ``{image name: [captions in file order]}``.
-
-    Each non-blank line is ``IMAGE#N<TAB>caption`` with ``N`` a non-negative integer; images
-    keep the order of their first appearance. Any other line raises :class:`DataFormatError`
-    naming ``path:line``.
-    """
-    path = Path(path)
-    captions: dict[str, list[str]] = {}
-    for lineno, line in _read_lines(path):
-        if not line.strip():
-            continue
-        try:
-            name, _, caption = parse_caption_line(line)
-        except DataFormatError as e:
-            raise DataFormatError(f"{path}:{lineno}: {e}") from None
-        captions.setdefault(name, []).append(caption)
-    if not captions:
-        raise DataFormatError(f"{path}: no captions found (empty file?)")
-    return captions
-
-
-@dataclass
-class Splits:
-    """Image names of each split. No image is in two splits (checked on creation)."""
-
-    train: list[str]
-    val: list[str]
-    test: list[str]
-
-    def __post_init__(self) -> None:
-        seen: dict[str, str] = {}
-        for split in SPLIT_NAMES:
-            for name in self[split]:
-                if name in seen:
-                    raise ValueError(f"image {name!r} is in both the {seen[name]} and the {split} split")
-                seen[name] = split
-
-    def __getitem__(self, split: str) -> list[str]:
-        if split not in SPLIT_NAMES:
-            raise KeyError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
-        return getattr(self, split)
-
-    def sizes(self) -> dict[str, int]:
-        return {s: len(self[s]) for s in SPLIT_NAMES}
-
-
-def load_karpathy_json(path: str | os.PathLike[str]) -> tuple[dict[str, list[str]], Splits]:
-    """Captions and splits from Karpathy's ``dataset_flickr8k.json``.
-
-    Uses ``images[].filename``, ``images[].split`` and ``images[].sentences[].raw``;
-    ``restval`` images go to train (the usual practice).
-    """
-    path = Path(path)
-    data = read_json(path, DataFormatError)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DataFormatError(f"{path}: expected a JSON object with an 'images' list")
-    captions: dict[str, list[str]] = {}
-    split_lists: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
-    for i, img in enumerate(data["images"]):
-        where = f"{path}: images[{i}]"
-        try:
-            name, split, sentences = img["filename"], img["split"], img["sentences"]
-            raws = [s["raw"] for s in sentences]
-        except (KeyError, TypeError) as e:
-            raise DataFormatError(
-                f"{where}: expected keys 'filename', 'split', 'sentences[].raw' (missing {e})") from None
-        split = "train" if split == "restval" else split
-        if split not in split_lists:
-            raise DataFormatError(f"{where}: unknown split {img['split']!r} (expected train/val/test/restval)")
-        if name in captions:
-            raise DataFormatError(f"{where}: image {name!r} listed twice")
-        raws = [r.strip() for r in raws if isinstance(r, str) and r.strip()]
-        if not raws:
-            raise DataFormatError(f"{where}: image {name!r} has no captions")
-        captions[name] = raws
-        split_lists[split].append(name)
-    if not captions:
-        raise DataFormatError(f"{path}: 'images' is empty")
-    return captions, Splits(**split_lists)
-
-
-# --------------------------------------------------------------------------------------------
-# Splits
-# --------------------------------------------------------------------------------------------
-def read_official_splits(data_dir: str | os.PathLike[str], known: Iterable[str]) -> Splits:
-    """Read ``Flickr_8k.{train,dev,test}Images.txt``; every name must be in ``known``."""
-    data_dir = Path(data_dir)
-    known = set(known)
-    lists: dict[str, list[str]] = {}
-    seen: dict[str, str] = {}
-    for split, fname in OFFICIAL_SPLIT_FILES.items():
-        path = data_dir / fname
-        names: list[str] = []
-        for lineno, line in _read_lines(path):
-            name = line.strip()
-            if not name:
-                continue
-            if name not in known:
-                raise DataFormatError(
-                    f"{path}:{lineno}: image {name!r} has no captions "
-                    f"(not in {TOKEN_FILE}, or its file is missing from {IMAGES_DIR}/)")
-            if name in seen:
-                raise DataFormatError(f"{path}:{lineno}: image {name!r} already listed ({seen[name]})")
-            seen[name] = f"{path.name}:{lineno}"
-            names.append(name)
-        lists[split] = names
-    return Splits(**lists)
-
-
-def random_splits(names: Iterable[str], seed: int = 0, val_frac: float = 0.1,
-                  test_frac: float = 0.1) -> Splits:
-    """Deterministic split by image: sort the names, shuffle with ``random.Random(seed)``, cut.
-
-    Split sizes are ``round(n * frac)``, raised to 1 for a non-zero fraction while train keeps
-    at least one image. Each split's list is sorted.
-    """
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ValueError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1, "
-                         f"got {val_frac}, {test_frac}")
-    order = sorted(set(names))  # sort first: the split must not depend on dict/file order
-    random.Random(seed).shuffle(order)
-    n = len(order)
-    n_val, n_test = round(n * val_frac), round(n * test_frac)
-    # "At least one image per split when possible": a tiny dataset still gets val and test.
-    if val_frac > 0 and n_val == 0 and n - n_test >= 2:
-        n_val = 1
-    if test_frac > 0 and n_test == 0 and n - n_val >= 2:
-        n_test = 1
-    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
-    return Splits(sorted(train), sorted(val), sorted(test))
-
-
-def make_splits(names: Iterable[str], data_dir: str | os.PathLike[str] | None = None, seed: int = 0,
-                val_frac: float = 0.1, test_frac: float = 0.1) -> Splits:
-    """Official split files when ``data_dir`` holds all three, else :func:`random_splits`."""
-    names = list(names)
-    if data_dir is not None:
-        present = [f for f in OFFICIAL_SPLIT_FILES.values() if (Path(data_dir) / f).is_file()]
-        if len(present) == len(OFFICIAL_SPLIT_FILES):
-            return read_official_splits(data_dir, names)
-        if present:  # half an official split is more likely a mistake than an intent
-            missing = sorted(set(OFFICIAL_SPLIT_FILES.values()) - set(present))
-            raise DataFormatError(f"{data_dir}: found {present} but not {missing}; "
-                                  "provide all three official split files or none")
-    return random_splits(names, seed=seed, val_frac=val_frac, test_frac=test_frac)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +92,7 @@ def _layout_error(root: Path, problem: str) -> DatasetNotFoundError:
 
 def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[str] | None = None,
                   seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> Flickr8k:
-    """Load captions and splits of ``root`` (see the module docstring for the layout).
+    """Load captions and splits of ``root`` (the layout is in core.captions).
 
     Captions whose image file is missing are dropped with a warning (the real
     ``Flickr8k.token.txt`` names one such image, ``2258277193_586949ec62.jpg.1``).
@@ -331,6 +129,18 @@ def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike
     else:
         splits = Splits(*([n for n in splits[s] if n in captions] for s in SPLIT_NAMES))
     return Flickr8k(root, images_dir, captions, splits, missing)
+
+
+def apply_skip_list(data: Flickr8k, skip: SkipList | Iterable[str]) -> Flickr8k:
+    """``data`` without the skipped images (from ``python -m core.data check``), splits otherwise unchanged.
+
+    Filtering after splitting keeps every other image in its split, and the result depends only on the
+    dataset and the skip list, so every rank computes the same.
+    """
+    names = skip.names if isinstance(skip, SkipList) else frozenset(skip)
+    captions = {n: c for n, c in data.captions.items() if n not in names}
+    splits = Splits(*([n for n in data.splits[s] if n not in names] for s in SPLIT_NAMES))
+    return replace(data, captions=captions, splits=splits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -416,122 +226,6 @@ class CaptionTable:
     def references(self, i: int) -> list[list[str]]:
         """Tokenized reference captions of image ``i`` (untruncated, unknown words kept)."""
         return self._references[i]
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Map a 16-bit / 32-bit integer or float single-channel array to 0..255."""
-    a = arr.astype(np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode.startswith("I;16"):
-        a = a / 257.0  # full 16-bit range -> 8-bit
-    elif mode == "F" and lo >= 0 and hi <= 1:
-        a = a * 255.0  # float image in [0, 1]
-    elif lo >= 0 and hi <= 255:
-        pass  # already 8-bit values
-    elif mode == "I" and lo >= 0 and hi <= 65535:
-        a = a / 257.0  # 16-bit data held in a 32-bit mode (older Pillow opens 16-bit PNGs as "I")
-    else:
-        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)  # stretch the range
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to RGB (always returns a new image).
-
-    - alpha (RGBA, LA, PA, P with transparency, RGBa, La): composited onto WHITE, like a viewer
-      on a white page (transparent regions of logos/drawings are usually meant as background);
-    - 16/32-bit and float grey (I;16*, I, F): scaled to 0..255 (see ``_to_uint8``), then grey->RGB;
-    - everything else (1, L, P, CMYK, YCbCr, HSV, ...): ``Image.convert("RGB")``.
-    """
-    mode = img.mode
-    if mode == "RGB":
-        return img.copy()
-    if mode == "P" and "transparency" in img.info:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode == "La":  # premultiplied grey+alpha (some TIFFs): Pillow converts it to LA only
-        img, mode = img.convert("LA"), "LA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if mode in ("I", "F") or mode.startswith("I;16"):
-        return Image.fromarray(_to_uint8(np.asarray(img), mode)).convert("RGB")  # 2-D uint8 -> "L"
-    return img.convert("RGB")
-
-
-def load_image(path: str | os.PathLike[str], exif_transpose: bool = True) -> Image.Image:
-    """Decode ``path`` fully and return an RGB image; any failure raises :class:`ImageLoadError`.
-
-    Truncated files fail here (``LOAD_TRUNCATED_IMAGES`` stays off): a half-grey training image
-    is worse than a clear error. EXIF orientation is applied by default, as DALI's
-    ``decoders.image`` does (``adjust_orientation=True``), so both loaders see the same pixels.
-    """
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            im.load()  # decode now, inside the try, so truncation/corruption is caught here
-            if exif_transpose and im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except FileNotFoundError:
-        raise ImageLoadError(f"{path}: no such image file") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-
-
-def train_resize_size(image_size: int) -> int:
-    """Side of the train-time resize before the random crop: round(S * 1.125), halves rounded up."""
-    return math.floor(image_size * TRAIN_RESIZE_RATIO + 0.5)
-
-
-class ImageTransform:
-    """PIL RGB image -> normalized float32 tensor [3, S, S].
-
-    The rule (the DALI pipeline implements the same one):
-      eval : resize the whole image to (S, S), aspect ratio NOT kept (as the tutorial), bilinear
-             with antialiasing (Pillow's BILINEAR filter widens its support when downscaling);
-      train: resize to (S', S') the same way, S' = train_resize_size(S) = round(1.125 * S),
-             then crop S x S at a uniformly random offset; horizontal flip (p=0.5) only with
-             ``hflip=True`` - off by default because captions state left/right relations.
-      then : x / 255, minus IMAGENET_MEAN, divided by IMAGENET_STD, per channel.
-    Randomness comes from torch's global RNG (DataLoader seeds it per worker).
-    A class rather than a closure so it pickles into DataLoader worker processes.
-    """
-
-    def __init__(self, image_size: int, train: bool, hflip: bool = False) -> None:
-        if image_size < 1:
-            raise ValueError(f"image_size must be positive, got {image_size}")
-        self.image_size = image_size
-        self.train = train
-        self.hflip = hflip
-        self.resize_size = train_resize_size(image_size) if train else image_size
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-
-    def __repr__(self) -> str:
-        return (f"ImageTransform(image_size={self.image_size}, train={self.train}, "
-                f"hflip={self.hflip}, resize_size={self.resize_size})")
-
-    def __call__(self, img: Image.Image) -> Tensor:
-        if img.mode != "RGB":
-            img = to_rgb(img)
-        r, s = self.resize_size, self.image_size
-        img = img.resize((r, r), Image.Resampling.BILINEAR)
-        if self.train and r > s:
-            x, y = (int(v) for v in torch.randint(0, r - s + 1, (2,)))
-            img = img.crop((x, y, x + s, y + s))
-        if self.train and self.hflip and bool(torch.rand(()) < 0.5):
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # (3, S, S) uint8
-        return (x.to(torch.float32).div_(255.0) - self._mean) / self._std
-
-
-def image_transform(image_size: int, train: bool, hflip: bool = False) -> ImageTransform:
-    """See :class:`ImageTransform` for the exact rule."""
-    return ImageTransform(image_size, train, hflip=hflip)
 
 
 # --------------------------------------------------------------------------------------------
@@ -655,8 +349,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m core.data", description="Inspect a Flickr8k-layout dataset.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_info_command(sub)
-    from core.datacheck import add_check_command  # late import: datacheck imports this module
-
     add_check_command(sub)
     return parser
 

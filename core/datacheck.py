@@ -3,12 +3,15 @@
     python -m core.data check DATA_DIR [--skip-list PATH] [--workers N]
     python -m core.datacheck DATA_DIR ...          (same command, without going through core.data)
 
-Every image in ``Images/`` and every line of ``Flickr8k.token.txt`` is checked; images are fully decoded
-(``img.load()``, ``LOAD_TRUNCATED_IMAGES`` off) in a thread pool, so a truncated file cannot pass as half an
-image. Each problem is printed as ``path[:line]: kind: message``, then counts per kind. The images to leave
-out are written to a skip list (JSON, default ``DATA_DIR/skip_list.json``) that training reads on every rank
-(:func:`read_skip_list`, :func:`apply_skip_list`). Exit status: 0 clean, 1 problems found (skip list still
-written), 2 unusable input (no such directory, no ``Images/``, no or empty caption file, skip list not writable).
+Every image in ``Images/`` and every line of ``Flickr8k.token.txt`` is checked; images go through the
+training loader's own steps (``core.images``: header checks, full decode with ``LOAD_TRUNCATED_IMAGES`` off,
+EXIF, RGB) in a thread pool, so a truncated file cannot pass as half an image. Threads decode together only
+while their images' pixels add up to at most the pixel limit, so memory stays near that of one image at the
+limit (under 1 GB at the default), whatever ``--workers`` says. Each problem is printed as
+``path[:line]: kind: message``, then counts per kind. The images to leave out are written to a skip list
+(``core.skiplist``; default ``DATA_DIR/skip_list.json``) that training reads on every rank. Exit status:
+0 clean, 1 problems found (skip list still written), 2 unusable input (no such directory, no ``Images/``,
+no or empty caption file, skip list not writable).
 
 Rules (each problem ``kind``, and what is accepted):
 
@@ -16,18 +19,17 @@ Image files (path ``Images/NAME``); the image is put on the skip list:
   empty-file          zero bytes
   not-an-image        Pillow cannot identify the content (e.g. a text file named .jpg)
   truncated           the data ends before the image does (decoding fails near the end)
-  corrupt             any other decode error
+  corrupt             any other decode error, whatever exception the decoder raised
   unreadable          the file cannot be read (permissions, I/O error)
-  decompression-bomb  width x height > ``max_pixels`` (default ``PIL.Image.MAX_IMAGE_PIXELS``), read from the
+  decompression-bomb  width x height > ``max_pixels`` (default ``core.images.MAX_PIXELS``), read from the
                       header before anything is decoded; also whatever Pillow itself refuses as a bomb
   too-small           shorter side < ``min_side`` (default 8 px; a 1xN strip is useless at 14x14 features)
   extreme-aspect      longer side / shorter side > ``max_aspect`` (default 25; the model squashes every image
                       to a square, so a 1:40 panorama is mostly smear)
-  unsupported-format  a format the DALI decoder does not read (anything but JPEG, PNG, BMP, TIFF, WebP,
-                      PNM, JPEG 2000; e.g. GIF), so both loaders see the same images
-  unsupported-mode    ``core.data.to_rgb`` cannot convert the decoded mode (e.g. a TIFF with premultiplied
-                      grey+alpha, mode "La"). Every mode it can convert is accepted: L, LA, P, PA, RGBA, CMYK,
-                      YCbCr, LAB, I;16, I, F, 1, ... (rules in ``core.data.to_rgb``)
+  unsupported-format  by content, not one of ``core.images.ACCEPTED_FORMATS`` (JPEG, PNG, WebP, BMP, TIFF);
+                      e.g. GIF, ICO, PCX, TGA, PPM, whatever the extension says
+  unsupported-mode    ``core.images.to_rgb`` cannot convert the decoded mode. Every mode it can convert is
+                      accepted: L, LA, La, P, PA, RGBA, CMYK, YCbCr, LAB, I;16, I, F, 1, ...
   no-captions         an image file with no caption line
 Caption file (path ``Flickr8k.token.txt`` and the line number):
   not-utf8            the line is not valid UTF-8
@@ -37,41 +39,36 @@ Caption file (path ``Flickr8k.token.txt`` and the line number):
                       line; the name goes on the skip list)
 
 Ignored (counted in the summary, not problems): sub-directories and hidden files in ``Images/``, and files
-whose extension is not an image extension, unless a caption names them. The extension does not have to
-match the content (a PNG named .jpg is fine: both loaders sniff the content).
+whose extension is not in ``core.images.IMAGE_EXTENSIONS``, unless a caption names them. The extension does
+not have to match the content (a PNG named .jpg is fine: both loaders sniff the content).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
+import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile
 
+import core.images
+from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, not_utf8_message, parse_caption_line, read_lines
 from core.fileio import WriteError, atomic_write_text
-
-TOKEN_FILE = "Flickr8k.token.txt"  # same names as core.data (not imported here: core.data pulls in torch)
-IMAGES_DIR = "Images"
-SKIP_LIST_NAME = "skip_list.json"
-SKIP_LIST_FORMAT = "sat-captioning skip list"
-SKIP_LIST_VERSION = 1
+from core.images import IMAGE_EXTENSIONS, ImageLoadError, decode_rgb, open_image
+from core.skiplist import SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash
 
 MIN_SIDE = 8
 MAX_ASPECT = 25.0
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                              ".ppm", ".pgm", ".pbm", ".pnm", ".jp2", ".j2k"})
-# Pillow format names that nvidia DALI's decoders.image also reads.
-SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000"})
 
 IMAGE_KINDS = ("empty-file", "not-an-image", "truncated", "corrupt", "unreadable", "decompression-bomb",
                "too-small", "extreme-aspect", "unsupported-format", "unsupported-mode", "no-captions")
@@ -80,10 +77,6 @@ LINE_KINDS = ("not-utf8", "bad-caption-line", "duplicate-caption", "missing-imag
 
 class DataCheckError(ValueError):
     """The dataset cannot be checked at all (missing directory or caption file): exit status 2."""
-
-
-class SkipListError(ValueError):
-    """A skip list is unreadable, of another format, or was made for another dataset listing."""
 
 
 @dataclass(frozen=True)
@@ -138,74 +131,47 @@ class CheckReport:
 class _Limits:
     min_side: int
     max_aspect: float
-    max_pixels: int | None
+    max_pixels: int
 
 
-def _core_data():
-    from core import data  # imports torch: only when images are actually checked
+class _PixelBudget:
+    """Threads decode together only while their images' pixels add up to at most ``limit`` (pixel limit)."""
 
-    return data
+    def __init__(self, limit: int) -> None:
+        self._limit = self._free = max(1, limit)
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, pixels: int) -> Iterator[None]:
+        n = min(pixels, self._limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= n)
+            self._free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
 
 
-def _classify_decode_error(e: BaseException) -> str:
-    text = str(e).lower()
-    if isinstance(e, EOFError) or "truncated" in text or "premature end" in text:
-        return "truncated"
-    return "corrupt"
-
-
-def check_image(path: Path, limits: _Limits) -> tuple[str, str] | None:
+def check_image(path: Path, limits: _Limits, budget: _PixelBudget | None = None) -> tuple[str, str] | None:
     """``(kind, message)`` for the first problem of one image file, or None when it loads for training.
 
-    Mirrors ``core.data.load_image`` (open, full decode, EXIF orientation, ``to_rgb``), after checking
-    the header's size, format and the file's size, so no bomb is ever decoded.
+    The steps of ``core.images.load_image`` (header checks before anything is decoded, then the full decode,
+    EXIF orientation and RGB conversion), with the size rules of the check between the two.
     """
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        return "unreadable", f"cannot stat: {e.strerror or e}"
-    if size == 0:
-        return "empty-file", "zero bytes"
-    try:
-        im = Image.open(path)  # reads the header only
-    except UnidentifiedImageError:
-        with open(path, "rb") as f:
-            head = f.read(16)
-        return "not-an-image", f"not an image format Pillow knows ({size} bytes, starts with {head!r})"
-    except Image.DecompressionBombError as e:
-        return "decompression-bomb", f"refused by Pillow before decoding: {e}"
-    except PermissionError as e:
-        return "unreadable", f"cannot open: {e.strerror or e}"
-    except (OSError, SyntaxError, ValueError, EOFError) as e:  # broken header
-        return _classify_decode_error(e), f"cannot read the header ({type(e).__name__}: {e})"
-    with im:
-        w, h = im.size
-        fmt = im.format or "?"
-        if limits.max_pixels is not None and w * h > limits.max_pixels:
-            return "decompression-bomb", (f"{w}x{h} = {w * h} pixels is over the limit of {limits.max_pixels} "
-                                          "(PIL.Image.MAX_IMAGE_PIXELS); not decoded")
-        if min(w, h) < limits.min_side:
-            return "too-small", f"{w}x{h}: shorter side under {limits.min_side} px"
-        if max(w, h) > limits.max_aspect * min(w, h):
-            return "extreme-aspect", f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} over {limits.max_aspect:g}"
-        if fmt not in SUPPORTED_FORMATS:
-            return "unsupported-format", (f"{fmt} is not read by the DALI loader "
-                                          f"(supported: {', '.join(sorted(SUPPORTED_FORMATS))})")
-        try:
-            im.load()  # the full decode, as core.data.load_image does
-        except Image.DecompressionBombError as e:
-            return "decompression-bomb", str(e)
-        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-            return _classify_decode_error(e), f"{fmt} {w}x{h} does not decode ({type(e).__name__}: {e})"
-        try:
-            if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-                im = ImageOps.exif_transpose(im)
-        except Exception as e:  # noqa: BLE001 - any EXIF failure is a corrupt file
-            return "corrupt", f"bad EXIF data ({type(e).__name__}: {e})"
-        try:
-            _core_data().to_rgb(im)
-        except (ValueError, OSError, TypeError) as e:
-            return "unsupported-mode", f"mode {im.mode!r} cannot be converted to RGB ({e})"
+        with open_image(path, limits.max_pixels) as im:
+            w, h = im.size
+            if min(w, h) < limits.min_side:
+                return "too-small", f"{w}x{h}: shorter side under {limits.min_side} px"
+            if max(w, h) > limits.max_aspect * min(w, h):
+                return "extreme-aspect", f"{w}x{h}: aspect ratio {max(w, h) / min(w, h):.1f} over {limits.max_aspect:g}"
+            with budget.take(w * h) if budget else nullcontext():
+                decode_rgb(im, path)
+    except ImageLoadError as e:
+        return e.kind, e.detail
     return None
 
 
@@ -240,78 +206,62 @@ def _scan_captions(path: Path) -> _Captions:
     rel = path.name
     keys: dict[tuple[str, str], int] = {}
     texts: dict[tuple[str, str], int] = {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                out.lines += 1
-                out.bad_lines.append(lineno)
-                out.problems.append(Problem(rel, lineno, "not-utf8",
-                                            f"byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8"))
-                continue
-            if not line.strip():
-                continue
+    for lineno, line, raw in read_lines(path):
+        if isinstance(line, UnicodeDecodeError):
             out.lines += 1
-            try:
-                name, n, caption = _core_data().parse_caption_line(line)
-            except ValueError as e:
-                out.bad_lines.append(lineno)
-                out.problems.append(Problem(rel, lineno, "bad-caption-line", str(e)))
-                continue
-            out.first_line.setdefault(name, lineno)
-            text = " ".join(caption.lower().split())
-            if (name, n) in keys:
-                out.problems.append(Problem(rel, lineno, "duplicate-caption",
-                                            f"{name}#{n} already on line {keys[name, n]}"))
-            elif (name, text) in texts:
-                out.problems.append(Problem(rel, lineno, "duplicate-caption",
-                                            f"same caption for {name} as line {texts[name, text]}"))
-            keys.setdefault((name, n), lineno)
-            texts.setdefault((name, text), lineno)
+            out.bad_lines.append(lineno)
+            out.problems.append(Problem(rel, lineno, "not-utf8", not_utf8_message(raw, line)))
+            continue
+        if not line.strip():
+            continue
+        out.lines += 1
+        try:
+            name, n, caption = parse_caption_line(line)
+        except DataFormatError as e:
+            out.bad_lines.append(lineno)
+            out.problems.append(Problem(rel, lineno, "bad-caption-line", str(e)))
+            continue
+        out.first_line.setdefault(name, lineno)
+        text = " ".join(caption.lower().split())
+        if (name, n) in keys:
+            out.problems.append(Problem(rel, lineno, "duplicate-caption",
+                                        f"{name}#{n} already on line {keys[name, n]}"))
+        elif (name, text) in texts:
+            out.problems.append(Problem(rel, lineno, "duplicate-caption",
+                                        f"same caption for {name} as line {texts[name, text]}"))
+        keys.setdefault((name, n), lineno)
+        texts.setdefault((name, text), lineno)
     return out
 
 
 # --------------------------------------------------------------------------------------------
 # The whole dataset
 # --------------------------------------------------------------------------------------------
-def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
-    """sha256 over the caption file's bytes and the (name, size) of every non-hidden file in Images/.
-
-    Sizes, not times or contents: a copy of the dataset on another node has the same hash, and hashing
-    8,000 images costs one directory listing. Hidden files (.DS_Store, ._x.jpg) that copy tools add or
-    drop do not count.
-    """
-    root = Path(root)
-    h = hashlib.sha256()
-    token = root / TOKEN_FILE
-    if token.is_file():
-        th = hashlib.sha256()
-        with open(token, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                th.update(chunk)
-        h.update(f"{TOKEN_FILE}\t{th.hexdigest()}\n".encode())
-    images_dir = root / IMAGES_DIR
-    if images_dir.is_dir():
-        entries = sorted((e.name, e.stat().st_size) for e in os.scandir(images_dir)
-                         if e.is_file() and not e.name.startswith("."))
-        for name, size in entries:
-            h.update(f"{IMAGES_DIR}/{name}\t{size}\n".encode("utf-8", "surrogateescape"))
-    return "sha256:" + h.hexdigest()
-
-
 def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 1) * 2))  # decode threads release the GIL; I/O overlaps
 
 
+def _check_images(images_dir: Path, names: list[str], limits: _Limits,
+                  workers: int) -> list[tuple[str, str] | None]:
+    """:func:`check_image` of each name, in a thread pool whose decodes share one pixel budget."""
+    budget = _PixelBudget(limits.max_pixels)
+    truncated_before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whoever set this
+    try:
+        with warnings.catch_warnings():  # the size limit is checked explicitly; Pillow's warning is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                return list(pool.map(lambda n: check_image(images_dir / n, limits, budget), names))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_before
+
+
 def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, min_side: int = MIN_SIDE,
-                  max_aspect: float = MAX_ASPECT, max_pixels: int | None = -1) -> CheckReport:
+                  max_aspect: float = MAX_ASPECT, max_pixels: int | None = None) -> CheckReport:
     """Check every image and caption line of ``root`` once; see the module docstring for the rules.
 
-    ``max_pixels=-1`` (default) means ``PIL.Image.MAX_IMAGE_PIXELS`` at call time; None disables the limit
-    (Pillow's own bomb check still applies). Raises :class:`DataCheckError` for unusable input.
+    ``max_pixels`` None means ``core.images.MAX_PIXELS`` at call time. Raises :class:`DataCheckError`
+    for unusable input.
     """
     root = Path(root)
     if not root.is_dir():
@@ -321,9 +271,7 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
         raise DataCheckError(f"no {IMAGES_DIR}/ folder in {root}")
     if not token.is_file():
         raise DataCheckError(f"no caption file {token}")
-    if max_pixels == -1:
-        max_pixels = Image.MAX_IMAGE_PIXELS
-    limits = _Limits(min_side, max_aspect, max_pixels)
+    limits = _Limits(min_side, max_aspect, core.images.MAX_PIXELS if max_pixels is None else max_pixels)
 
     try:
         caps = _scan_captions(token)
@@ -347,17 +295,7 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
                                     f"{name!r} is not a file in {IMAGES_DIR}/"))
             skip.setdefault(name, []).append(f"missing-image: not a file in {IMAGES_DIR}/")
 
-    workers = workers or _default_workers()
-    _core_data()  # import once here, not concurrently in the pool
-    truncated_before = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whoever set this
-    try:
-        with warnings.catch_warnings():  # the size limit is checked explicitly; Pillow's warning is noise
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(lambda n: check_image(images_dir / n, limits), names))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_before
+    results = _check_images(images_dir, names, limits, workers or _default_workers())
     for name, result in zip(names, results):
         rel = f"{IMAGES_DIR}/{name}"
         if result is not None:
@@ -378,17 +316,6 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
 # --------------------------------------------------------------------------------------------
 # Skip list
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SkipList:
-    skip: dict[str, str]  # image name -> reason
-    bad_lines: list[int]  # caption-file line numbers that do not parse
-    listing_hash: str
-
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(self.skip)
-
-
 def skip_list_dict(report: CheckReport) -> dict[str, Any]:
     """The JSON content: deterministic (no times, no absolute paths), identical on every node."""
     return {
@@ -407,48 +334,6 @@ def write_skip_list(report: CheckReport, path: str | os.PathLike[str]) -> Path:
     return atomic_write_text(path, data)
 
 
-def read_skip_list(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> SkipList:
-    """Read a skip list; with ``root``, refuse it when the dataset listing changed since the check."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SkipListError(f"skip list {path} not found (make it with `python -m core.data check DATA_DIR`)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SkipListError(f"{path} is not a readable skip list: {e}") from e
-    if not isinstance(data, dict) or data.get("format") != SKIP_LIST_FORMAT:
-        raise SkipListError(f"{path} is not a skip list (no 'format': {SKIP_LIST_FORMAT!r})")
-    if data.get("version") != SKIP_LIST_VERSION:
-        raise SkipListError(f"{path} is skip list version {data.get('version')!r}; "
-                            f"this version reads {SKIP_LIST_VERSION}")
-    skip, lines, digest = data.get("skip"), data.get("bad_caption_lines", []), data.get("listing_hash")
-    if not isinstance(skip, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in skip.items()) \
-            or not isinstance(lines, list) or not all(isinstance(n, int) for n in lines) \
-            or not isinstance(digest, str):
-        raise SkipListError(f"{path}: malformed skip list (expected 'skip' {{name: reason}}, "
-                            "'bad_caption_lines' [int], 'listing_hash' str)")
-    if root is not None:
-        now = dataset_listing_hash(root)
-        if now != digest:
-            raise SkipListError(f"{path} was made for another version of the dataset {root} (listing hash "
-                                f"{digest[:19]}... vs {now[:19]}... now): run `python -m core.data check {root}` again")
-    return SkipList(dict(sorted(skip.items())), sorted(lines), digest)
-
-
-def apply_skip_list(data: Any, skip: SkipList | Iterable[str]) -> Any:
-    """A ``core.data.Flickr8k`` without the skipped images, splits otherwise unchanged.
-
-    Filtering after splitting keeps every other image in its split, and the result depends only on the
-    dataset and the skip list, so every rank computes the same.
-    """
-    from core.data import SPLIT_NAMES, Splits
-
-    names = skip.names if isinstance(skip, SkipList) else frozenset(skip)
-    captions = {n: c for n, c in data.captions.items() if n not in names}
-    splits = Splits(*([n for n in data.splits[s] if n not in names] for s in SPLIT_NAMES))
-    return replace(data, captions=captions, splits=splits)
-
-
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -465,7 +350,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-aspect", type=float, default=MAX_ASPECT,
                    help=f"largest accepted long/short side ratio (default {MAX_ASPECT:g})")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help=f"largest accepted width x height (default PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS})")
+                   help=f"largest accepted width x height (default core.images.MAX_PIXELS = {core.images.MAX_PIXELS})")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
 
 
@@ -473,8 +358,7 @@ def run_check(args: argparse.Namespace) -> int:
     """The ``check`` command on parsed arguments; returns the exit status."""
     try:
         report = check_dataset(args.data_dir, workers=args.workers, min_side=args.min_side,
-                               max_aspect=args.max_aspect,
-                               max_pixels=-1 if args.max_pixels is None else args.max_pixels)
+                               max_aspect=args.max_aspect, max_pixels=args.max_pixels)
     except DataCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -501,9 +385,6 @@ def add_check_command(sub: Any) -> argparse.ArgumentParser:
     _add_arguments(p)
     p.set_defaults(func=run_check)
     return p
-
-
-add_check_subcommand = add_check_command  # the name used in the issue
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,10 +33,9 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from core.captions import IMAGES_DIR, TOKEN_FILE
 from core.fileio import atomic_write_text
 
-TOKEN_FILE = "Flickr8k.token.txt"
-IMAGES_DIR = "Images"
 CAPTIONS_PER_IMAGE = 5
 JPEG_QUALITY = 92
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from core.data import IMAGENET_MEAN, IMAGENET_STD, train_resize_size
+from core.images import IMAGENET_MEAN, IMAGENET_STD, train_resize_size
 
 READER_NAME = "Reader"
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import (IMAGENET_MEAN, IMAGENET_STD, CaptionTable, DataFormatError, DatasetNotFoundError,
-                       EvalDataset, ImageLoadError, Splits, TrainDataset, caption_choice, collate_train,
-                       image_transform, load_flickr8k, load_image, load_karpathy_json, make_splits,
-                       parse_token_file, random_splits, train_resize_size)
+from core.captions import DataFormatError, parse_token_file
+from core.data import CaptionTable, DatasetNotFoundError, EvalDataset, TrainDataset, caption_choice, collate_train, \
+    load_flickr8k
+from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, image_transform, load_image, train_resize_size
+from core.splits import Splits, load_karpathy_json, make_splits, random_splits
 from core.synthetic import generate
 from core.vocab import Vocabulary
 

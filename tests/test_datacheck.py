@@ -16,27 +16,22 @@ import pytest
 from PIL import Image, ImageFile
 
 import robustness_corpus as corpus
+import core.images
 from core import datacheck
-from core.datacheck import (
-    DataCheckError,
-    SkipListError,
-    apply_skip_list,
-    check_dataset,
-    dataset_listing_hash,
-    read_skip_list,
-    write_skip_list,
-)
-from core.data import parse_caption_line
+from core.captions import DataFormatError, parse_caption_line, parse_token_file
+from core.data import apply_skip_list, load_flickr8k
+from core.datacheck import DataCheckError, check_dataset, write_skip_list
+from core.images import ImageLoadError, load_image, to_rgb
+from core.skiplist import SkipListError, dataset_listing_hash, read_skip_list
 from core.synthetic import generate
+from test_images import png_broken_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "Flickr8k.token.txt"
 
 
 def _la_is_unsupported() -> bool:
-    """core.data.to_rgb cannot convert mode "La" today; if that gets fixed, the La TIFF becomes a valid image."""
-    from core.data import to_rgb
-
+    """Whether core.images.to_rgb fails on mode "La" (Pillow versions differ); if not, the La TIFF is a valid image."""
     try:
         to_rgb(Image.new("La", (2, 2)))
     except ValueError:
@@ -58,6 +53,9 @@ BAD_IMAGES = {
     "strip.png": (corpus.png((1, 64)), "too-small"),
     "panorama.jpg": (corpus.jpeg((20, 600)), "extreme-aspect"),
     "premultiplied.tif": (corpus.tiff_premultiplied_grey_alpha(), "unsupported-mode"),
+    "icon.jpg": (corpus.encode(Image.new("RGB", (32, 32), (9, 99, 199)), "ICO"), "unsupported-format"),
+    "paintbrush.png": (corpus.encode(Image.new("RGB", (32, 32), (9, 99, 199)), "PCX"), "unsupported-format"),
+    "broken_chunk.png": (png_broken_chunk(), "corrupt"),  # Pillow raises SyntaxError, not OSError
 }
 
 
@@ -210,22 +208,22 @@ def test_size_limit_is_read_from_the_header_and_nothing_is_decoded(tmp_path, mon
     (root / "Images" / "big.png").write_bytes(corpus.png((200, 150)))
     with open(root / TOKEN, "a") as f:
         f.write("big.png#0\ta big picture\n")
-    decoded: list[str] = []
+    decoded: list[tuple[int, int]] = []
     real_load = ImageFile.ImageFile.load
 
     def spy(self):
-        decoded.append(os.path.basename(getattr(self, "filename", "") or ""))
+        decoded.append(self.size)
         return real_load(self)
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
     report = check_dataset(root, max_pixels=100 * 100)
     assert found(report) == {("Images/big.png", None, "decompression-bomb")}
     assert "30000 pixels is over the limit of 10000" in report.problems[0].message
-    assert set(decoded) == {"00000.jpg", "00001.jpg"}  # big.png never decoded
-    # Pillow's own limit applies by default, read when the check runs.
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
+    assert set(decoded) == {(32, 32)}  # the two synthetic images; big.png never decoded
+    # The loader's limit applies by default, read when the check runs.
+    monkeypatch.setattr(core.images, "MAX_PIXELS", 20_000)
     assert found(check_dataset(root)) == {("Images/big.png", None, "decompression-bomb")}
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40_000)
+    monkeypatch.setattr(core.images, "MAX_PIXELS", 40_000)
     assert check_dataset(root).ok
 
 
@@ -239,21 +237,20 @@ def test_truncated_files_fail_even_if_someone_turned_on_load_truncated_images(tm
 
 
 def test_the_check_agrees_with_the_training_loader(planted):
-    """Images the check accepts load with core.data.load_image; those it rejects as undecodable do not."""
-    from core.data import ImageLoadError, load_image
-
+    """Images the check accepts load with core.images.load_image; those it rejects for their content do not."""
     root, _ = planted
     report = check_dataset(root)
     bad = {p.path.split("/", 1)[1]: p.kind for p in report.problems if p.path.startswith("Images/")}
-    by_rule = {"too-small", "extreme-aspect", "unsupported-format", "no-captions"}  # decodable, refused by rule
+    by_rule = {"too-small", "extreme-aspect", "no-captions"}  # rules of the check only: the loader takes them
     for f in sorted((root / "Images").iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.suffix == ".txt" or f.name == "bomb.png":
+        if not f.is_file() or f.name.startswith(".") or f.suffix == ".txt":
             continue
         if f.name not in bad or bad[f.name] in by_rule:
             assert load_image(f).mode == "RGB", f.name
         else:
-            with pytest.raises(ImageLoadError, match=re.escape(f.name)):
+            with pytest.raises(ImageLoadError, match=re.escape(f.name)) as info:
                 load_image(f)
+            assert info.value.kind == bad[f.name]
 
 
 @pytest.mark.parametrize("line", [
@@ -267,8 +264,6 @@ def test_the_check_agrees_with_the_training_loader(planted):
     "00000.jpg#1\t   ",
 ])
 def test_caption_line_rule_is_the_one_of_core_data(tmp_path, line):
-    from core.data import DataFormatError, parse_token_file
-
     f = tmp_path / "t.txt"
     f.write_text(line + "\n")
     try:
@@ -317,8 +312,6 @@ def test_listing_hash_ignores_times_and_location(tmp_path):
 
 
 def test_apply_skip_list_removes_images_and_keeps_the_other_splits(tmp_path):
-    from core.data import load_flickr8k
-
     root = make_dataset(tmp_path / "data", n=10)
     (root / "Images" / "00003.jpg").write_bytes(corpus.truncated_jpeg())
     report = check_dataset(root)

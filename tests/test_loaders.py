@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import IMAGENET_MEAN, IMAGENET_STD, image_transform, load_flickr8k, load_image, train_resize_size
+from core.data import load_flickr8k
+from core.images import IMAGENET_MEAN, IMAGENET_STD, image_transform, load_image, train_resize_size
 from distributed.env import DistEnv
 from distributed.loaders import EvalLoader, dali_available, eval_shard, make_train_loader, train_indices
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from core import synthetic
-from core.data import (EvalDataset, TrainDataset, collate_train, load_flickr8k,
-                       parse_token_file)
+from core.captions import parse_token_file
+from core.data import EvalDataset, TrainDataset, collate_train, load_flickr8k
 from core.synthetic import COLORS, SHAPES, Scene, Shape, describe, generate, random_scene, relation, render
 from core.vocab import tokenize
 

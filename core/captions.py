@@ -1,0 +1,94 @@
+"""Caption files of the Flickr8k layout: the file names, line reading and the ``IMAGE#N<TAB>caption`` rule.
+
+    DATA_DIR/Images/*.jpg
+    DATA_DIR/Flickr8k.token.txt                     IMAGE.jpg#N<TAB>caption
+    DATA_DIR/Flickr_8k.{train,dev,test}Images.txt   optional official split (one image name a line)
+
+Shared by the dataset loader (core.data), the dataset check (core.datacheck) and the synthetic generator
+(core.synthetic), so the three agree on names and on what a valid line is. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+TOKEN_FILE = "Flickr8k.token.txt"
+IMAGES_DIR = "Images"
+OFFICIAL_SPLIT_FILES = {
+    "train": "Flickr_8k.trainImages.txt",
+    "val": "Flickr_8k.devImages.txt",
+    "test": "Flickr_8k.testImages.txt",
+}
+_BOM = b"\xef\xbb\xbf"
+
+
+class DataFormatError(ValueError):
+    """A data file exists but its content is not what was expected (message names file and line)."""
+
+
+def read_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str | UnicodeDecodeError, bytes]]:
+    """Yield ``(lineno, text, raw)`` of each line; ``text`` is the decode error when the line is not UTF-8.
+
+    A UTF-8 BOM on the first line is dropped and line endings (LF or CRLF) are stripped. Invalid lines
+    are yielded, not raised, so the dataset check can report every one and carry on.
+    """
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                yield lineno, raw.decode("utf-8").rstrip("\r\n"), raw
+            except UnicodeDecodeError as e:
+                yield lineno, e, raw
+
+
+def not_utf8_message(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"byte {raw[e.start]:#04x} at column {e.start + 1} is not UTF-8"
+
+
+def read_text_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str]]:
+    """``(lineno, text)`` of each line (see :func:`read_lines`); a non-UTF-8 line raises DataFormatError."""
+    for lineno, text, raw in read_lines(path):
+        if isinstance(text, UnicodeDecodeError):
+            raise DataFormatError(f"{path}:{lineno}: {not_utf8_message(raw, text)}")
+        yield lineno, text
+
+
+def parse_caption_line(line: str) -> tuple[str, str, str]:
+    """``(image, number, caption)`` of one ``IMAGE#N<TAB>caption`` line; DataFormatError says what is wrong."""
+    key, tab, caption = line.partition("\t")
+    if not tab:
+        raise DataFormatError(f"expected 'IMAGE#N<TAB>caption', found no tab in {line[:80]!r}")
+    name, hash_, n = key.strip().rpartition("#")
+    if not hash_ or not name:
+        raise DataFormatError(f"expected 'IMAGE#N' before the tab, got {key!r}")
+    if not n.isdigit():
+        raise DataFormatError(f"expected an integer caption number after '#', got {key!r}")
+    caption = caption.strip()
+    if not caption:
+        raise DataFormatError(f"empty caption for {key!r}")
+    return name, n, caption
+
+
+def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
+    """Parse ``Flickr8k.token.txt`` into ``{image name: [captions in file order]}``.
+
+    Each non-blank line is ``IMAGE#N<TAB>caption`` with ``N`` a non-negative integer; images
+    keep the order of their first appearance. Any other line raises :class:`DataFormatError`
+    naming ``path:line``.
+    """
+    path = Path(path)
+    captions: dict[str, list[str]] = {}
+    for lineno, line in read_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            name, _, caption = parse_caption_line(line)
+        except DataFormatError as e:
+            raise DataFormatError(f"{path}:{lineno}: {e}") from None
+        captions.setdefault(name, []).append(caption)
+    if not captions:
+        raise DataFormatError(f"{path}: no captions found (empty file?)")
+    return captions
