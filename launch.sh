@@ -57,20 +57,36 @@ nproc_default() {
 
 demo() {
     # The main job end to end on synthetic data (no download): generate 6000 scenes in the Flickr8k layout
-    # (4800 train / 600 val / 600 held-out test images), train with 2 CPU processes (torchrun + gloo, bf16 autocast,
-    # ResNet-18 at 128 px from scratch, 10 minutes of training; distributed/config.py:PRESETS["demo"]), then export
+    # (4800 train / 600 val / 600 held-out test images), train with 2 CPU processes (torchrun + gloo, a fixed number
+    # of optimizer steps: distributed/config.py:PRESETS["demo"]; precision chosen from the hardware), then export
     # and caption held-out images. Re-running resumes an interrupted run (`rm -rf runs/demo/run` starts over).
-    # Extra arguments go to train.py, e.g. `./launch.sh demo --time-budget 5`.
+    # Extra arguments go to train.py, e.g. `./launch.sh demo --max-steps 200`.
     local dir="${DEMO_DIR:-runs/demo}"
     local nproc="${NPROC:-2}"
+    local t0 t1 t2 t3 t4
+    echo "[demo] hardware: $("$PY" -c 'from core import hardware; print(hardware.summary())')" >&2
+    t0=$(date +%s.%N)
     if [[ ! -f "$dir/data/Flickr8k.token.txt" ]]; then
         "$PY" -m core.synthetic "$dir/data" --images 6000 --seed 1
     fi
+    t1=$(date +%s.%N)
     "$VENV/bin/torchrun" --standalone --nproc_per_node="$nproc" distributed/train.py \
         --data "$dir/data" --out "$dir/run" --preset demo "$@"
+    t2=$(date +%s.%N)
     "$PY" export/to_onnx.py --checkpoint "$dir/run/best.pt" --out "$dir/exported"
+    t3=$(date +%s.%N)
     "$PY" -m export.caption --model "$dir/exported" --backend ort --beam 3 --split test --limit 8 \
         --data "$dir/data" --save-dir "$dir/captioned_images"
+    t4=$(date +%s.%N)
+    awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v e="$t4" 'BEGIN {
+        printf "[demo] seconds per phase: data %.0f | training + test metrics %.0f | export %.0f | captions %.0f | total %.0f\n",
+               b - a, c - b, d - c, e - d, e - a }' >&2
+    "$PY" - "$dir/run/test_metrics.json" <<'EOF' >&2
+import json, sys
+m = json.load(open(sys.argv[1]))
+print(f"[demo] held-out test ({m['images']} images, beam {m['beam_size']}, {m['weights']}): BLEU-4 {m['bleu4']:.3f}, "
+      f"CIDEr-D {m['cider']:.3f}; {m['steps']} steps, {m['train_seconds']:.0f}s of training")
+EOF
 }
 
 cmd="${1:-help}"

@@ -184,8 +184,9 @@ def choose_amp(requested: str, device_type: str, hw: Hardware) -> Choice:
                           warning="--amp bf16 on a GPU without native bf16 (compute capability < 8.0) is slow")
         return Choice({"bf16": torch.bfloat16, "fp16": torch.float16}[requested], f"--amp {requested}")
     cpu = hw.cpu
-    if requested == "fp16":
-        raise ValueError("--amp fp16 is for CUDA; on a CPU use --amp auto, bf16 or off")
+    if requested == "fp16":  # honoured (it exercises the GradScaler path anywhere), but never chosen on a CPU
+        return Choice(torch.float16, "--amp fp16", warning="--amp fp16 on a CPU is slow (no fp16 kernels); "
+                                                           "use --amp auto, bf16 or off")
     if requested == "auto":
         if cpu.native_bf16:
             return Choice(torch.bfloat16, f"the CPU runs bf16 natively ({cpu.capability})")

@@ -211,10 +211,15 @@ class DecoderWithAttention(nn.Module):
         """One decoder step: words (M,), h/c (M,D) -> logits (M,V), h, c, alpha (M,P)."""
         return self._step(self.embedding(words), h, c, enc_out, enc_att)
 
-    def _step(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+    def _recur(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        """The recurrent part of a step: attend, gate, LSTM -> h, c (M,D), alpha (M,P)."""
         awe, alpha = self.attention.attend(enc_out, enc_att, h)  # (M, C), (M, P)
         awe = self.sigmoid(self.f_beta(h)) * awe
         h, c = self.decode_step(torch.cat([emb, awe], dim=1), (h, c))  # (M, D) each
+        return h, c, alpha
+
+    def _step(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
+        h, c, alpha = self._recur(emb, h, c, enc_out, enc_att)
         return self.fc(self.dropout(h)), h, c, alpha
 
     def step(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
@@ -232,15 +237,17 @@ class DecoderWithAttention(nn.Module):
         steps = int(lengths.max()) - 1
         enc_out, enc_att, h, c = self.encode_features(enc_out)
         embeddings = self.embedding(captions[:, :steps])  # (B, T'-1, E)
-        logits, alphas = [], []
+        hs, alphas = [], []
         for t in range(steps):
             # Rows whose caption has ended still run (one batched matmul is cheaper than shrinking the batch on
             # CPU); their outputs are masked out of the loss and the attention regularizer.
-            out, h, c, alpha = self._step(embeddings[:, t], h, c, enc_out, enc_att)
-            logits.append(out)
+            h, c, alpha = self._recur(embeddings[:, t], h, c, enc_out, enc_att)
+            hs.append(h)
             alphas.append(alpha)
+        # The output layer does not feed the recurrence: one matmul over all steps instead of one per step.
+        logits = self.fc(self.dropout(torch.stack(hs, 1)))  # (B, T'-1, V)
         valid = (torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)).to(enc_out.dtype)
-        return torch.stack(logits, 1), torch.stack(alphas, 1) * valid[..., None]
+        return logits, torch.stack(alphas, 1) * valid[..., None]
 
 
 def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float = 1.0) -> Tensor:

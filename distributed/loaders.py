@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, image_transform
+from core.vocab import Vocabulary
+from distributed.config import TrainConfig
 from distributed.env import DistEnv
 
 
@@ -269,3 +272,32 @@ def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool
         return 0 if per_proc <= 2 else min(4, per_proc - 1)
     return min(8, per_proc)
 
+
+@dataclass
+class Loaders:
+    """Everything a training run reads: train batches, val images, and a second train stream for BatchNorm."""
+
+    train: Any
+    val: EvalLoader
+    val_table: CaptionTable
+    bn: Any  # a second train loader for precise BatchNorm statistics, or None
+    kind: str  # "dali" or "torch"
+    workers: int
+
+    def close(self) -> None:
+        self.train.close()
+        self.val.close()
+
+
+def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: DistEnv) -> Loaders:
+    kind = resolve_loader(cfg.loader)
+    workers = default_workers(kind, env, cfg.workers, cfg.deterministic)
+    train_table = data.caption_table("train", vocab, max_len=cfg.max_caption_len)
+    val_table = data.caption_table("val", vocab, max_len=cfg.max_caption_len)
+    common = (data, train_table, cfg.image_size, cfg.batch_size, env)
+    train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last)
+    val = EvalLoader(data, val_table, cfg.image_size, cfg.eval_batch_size, env, kind, workers, "val",
+                     cfg.val_max_images)
+    bn = make_train_loader(kind, *common, cfg.seed + 1, 0 if kind == "torch" else workers, cfg.hflip,
+                           cfg.random_crop, cfg.channels_last) if cfg.precise_bn and cfg.train_encoder else None
+    return Loaders(train=train, val=val, val_table=val_table, bn=bn, kind=kind, workers=workers)

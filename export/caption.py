@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+from core.images import IMAGE_EXTENSIONS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@
   random split 38 train / 5 val / 5 test), generated once per session with ``core.synthetic``. Read-only: copy it
   before changing anything in it.
 - ``run_train``: runs ``distributed/train.py`` in a subprocess (plain Python, or ``torchrun`` with ``nproc``)
-  with the ``tiny`` preset and one CPU thread per process, and returns the CompletedProcess.
+  with the ``tiny`` preset and one CPU thread per process, and returns the CompletedProcess; ``FAULT_*`` variables
+  in ``env`` run it through ``tests/fault_train.py``, which injects those faults.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "distributed" / "train.py"
+FAULT_TRAIN = REPO / "tests" / "fault_train.py"  # the same trainer with faults injected (FAULT_* variables)
 
 SYNTHETIC_IMAGES = 48
 SYNTHETIC_SIZE = 64
@@ -48,13 +50,12 @@ def run_train(synthetic_data):
         cmd = [] if nproc is None else _torchrun() + ["--standalone", f"--nproc_per_node={nproc}",
                                                        f"--max-restarts={max_restarts}"]
         cmd += [] if nproc is not None else [sys.executable]
-        cmd += [str(TRAIN), "--data", str(synthetic_data), "--out", str(out), "--preset", "tiny", "--threads", "1",
+        script = FAULT_TRAIN if any(k.startswith("FAULT_") for k in env or {}) else TRAIN
+        cmd += [str(script), "--data", str(synthetic_data), "--out", str(out), "--preset", "tiny", "--threads", "1",
                 "--no-progress", *flags]
         full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        for hook in ("SAT_INJECT_NAN_AT_STEP", "SAT_CRASH_AT_STEP", "SAT_CRASH_RANK", "SAT_CRASH_IN_SAVE",
-                     "SAT_PARAM_HASH_DIR"):
-            if hook not in (env or {}):
-                full_env.pop(hook, None)
+        for name in [k for k in full_env if k.startswith("FAULT_") and k not in (env or {})]:
+            full_env.pop(name)
         return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
     return run

@@ -16,8 +16,10 @@ from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, s
 from distributed.config import PRESETS, TrainConfig, add_dataclass_args, parse_config
 from distributed.env import DistEnv
 from distributed.loaders import EvalLoader, make_train_loader
-from distributed.train import (Checkpointer, Hooks, TrainState, build_model, build_optimizer, check_compatible,
-                               evaluate, load_data, main, model_config, recompute_bn_stats, train_one_epoch)
+from distributed.checkpoint import Checkpointer, check_compatible
+from distributed.evaluate import evaluate, recompute_bn_stats
+from distributed.optim import build_optimizer, build_scheduler
+from distributed.train import Trainee, TrainState, build_model, load_data, main, model_config, train_one_epoch
 
 CPU1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), is_main=True)
 
@@ -28,12 +30,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture
-def no_hooks(monkeypatch):
-    for name in ("SAT_INJECT_NAN_AT_STEP", "SAT_CRASH_AT_STEP", "SAT_CRASH_IN_SAVE", "SAT_PARAM_HASH_DIR"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def tiny_cfg(data: Path, *flags: str) -> TrainConfig:
@@ -70,7 +66,8 @@ def test_every_train_config_field_has_help_and_a_flag():
 def test_preset_then_explicit_flags_win():
     cfg = parse_config(["--preset", "demo", "--batch-size", "16", "--no-hflip"])
     assert cfg.backbone == PRESETS["demo"]["backbone"] == "resnet18"
-    assert cfg.image_size == 128 and cfg.encoded_size == 4 and cfg.amp == "bf16" and cfg.encoder_weights == "none"
+    assert cfg.image_size == 96 and cfg.encoded_size == 3 and cfg.encoder_weights == "none"
+    assert cfg.amp == "auto"  # the hardware decides (core.hardware.choose_amp)
     assert cfg.batch_size == 16
     assert cfg.train_encoder  # from scratch: the whole encoder trains
     assert parse_config([]).batch_size == 32 and not parse_config([]).train_encoder  # tutorial: frozen pretrained
@@ -78,6 +75,37 @@ def test_preset_then_explicit_flags_win():
         parse_config(["--amp", "fp8"])
     with pytest.raises(SystemExit):  # nonsense combination: a clear error, not a silent no-op
         parse_config(["--encoder-weights", "none", "--fine-tune-encoder"])
+
+
+def test_no_preset_hard_codes_a_precision():
+    # bf16 is ~30x slower than fp32 on CPUs without native bf16: only the hardware may choose it.
+    for name, preset in PRESETS.items():
+        assert "amp" not in preset, name
+
+
+def test_the_demo_budget_is_a_number_of_steps():
+    cfg = parse_config(["--preset", "demo"])
+    assert cfg.max_steps > 0 and cfg.lr_schedule == "cosine"
+    assert cfg.time_budget > 0  # only a safety cap
+    with pytest.raises(SystemExit):
+        parse_config(["--lr-schedule", "cosine"])  # decays to 0 at --max-steps: it needs one
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_max_steps():
+    cfg = parse_config(["--preset", "tiny", "--lr-schedule", "cosine", "--max-steps", "20", "--warmup-steps", "4",
+                        "--decoder-lr", "1e-3"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.decoder_lr)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3)  # linear warm-up over 4 steps
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # then monotone decay
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # 0 at --max-steps
+    plateau = build_scheduler(opt, parse_config(["--preset", "tiny"]))
+    assert isinstance(plateau, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
 def test_config_json_is_saved_with_resolved_values(tmp_path):
@@ -91,7 +119,7 @@ def test_config_json_is_saved_with_resolved_values(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ in-process loop
-def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread, no_hooks):
+def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread):
     cfg = tiny_cfg(synthetic_data, "--max-steps", "2", "--amp", "bf16")
     data, vocab = load_data(cfg)
     torch.manual_seed(0)
@@ -103,9 +131,9 @@ def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread, no_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = TrainState()
     saves = []
-    stats = train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                            torch.autocast("cpu", dtype=torch.bfloat16), cfg, CPU1, state, Hooks(),
-                            save_last=lambda: saves.append(state.step))
+    trainee = Trainee(model, model, optimizer, build_scheduler(optimizer, cfg),
+                      torch.amp.GradScaler("cpu", enabled=False), torch.autocast("cpu", dtype=torch.bfloat16))
+    stats = train_one_epoch(trainee, loader, cfg, CPU1, state, save_last=lambda: saves.append(state.step))
     assert stats["stop"] == "max steps" and math.isfinite(stats["train_loss"]) and stats["samples_per_s"] > 0
     assert (state.step, state.batches_done, state.epoch) == (2, 2, 0) and state.train_seconds > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith("encoder"))
@@ -156,7 +184,7 @@ def test_resume_auto_skips_a_corrupt_checkpoint_and_picks_the_furthest(synthetic
     _, _, _, older = _tiny_checkpoint(synthetic_data, step=3)
     save_checkpoint(tmp_path / "best.pt", older)
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 torn")  # newest file, but unreadable
-    ckpt = Checkpointer(tmp_path, CPU1, Hooks())
+    ckpt = Checkpointer(tmp_path, CPU1)
     assert ckpt.find("auto") == tmp_path / "best.pt"
     assert "skipping" in capsys.readouterr().err
     _, _, _, newer = _tiny_checkpoint(synthetic_data, step=5)
@@ -165,7 +193,7 @@ def test_resume_auto_skips_a_corrupt_checkpoint_and_picks_the_furthest(synthetic
     assert ckpt.find("none") is None
     with pytest.raises(CheckpointError, match="no such file"):
         ckpt.find(str(tmp_path / "missing.pt"))
-    assert Checkpointer(tmp_path / "empty", CPU1, Hooks()).find("auto") is None
+    assert Checkpointer(tmp_path / "empty", CPU1).find("auto") is None
 
 
 def test_incompatible_checkpoint_says_what_differs(synthetic_data):
@@ -216,7 +244,7 @@ def test_resume_mid_epoch_is_bit_exact(run_train, tmp_path):
 def test_nan_loss_stops_with_a_clear_error_and_no_nan_checkpoint(run_train, tmp_path):
     out = tmp_path / "run"
     r = run_train(out, "--loader", "torch", "--amp", "bf16", "--save-every", "2", "--epochs", "2",
-                  env={"SAT_INJECT_NAN_AT_STEP": "3"})
+                  env={"FAULT_NAN_AT_STEP": "3"})
     assert r.returncode != 0
     assert "loss is nan at step 3" in r.stderr and "stopped before this update" in r.stderr
     assert "Traceback" not in r.stderr
@@ -230,7 +258,7 @@ def test_nan_loss_stops_with_a_clear_error_and_no_nan_checkpoint(run_train, tmp_
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(run_train, tmp_path):
     out = tmp_path / "run"
     flags = ["--loader", "torch", "--save-every", "2", "--epochs", "2", "--no-final-eval", "--val-max-images", "2"]
-    crashed = run_train(out, *flags, env={"SAT_CRASH_IN_SAVE": "2"})  # the step-4 write is torn
+    crashed = run_train(out, *flags, env={"FAULT_CRASH_IN_SAVE": "2"})  # the step-4 write is torn
     assert crashed.returncode == 3 and "dying halfway" in crashed.stderr
     assert load_checkpoint(out / "last.pt")["step"] == 2  # the previous checkpoint, intact
     assert list(out.glob(".last.pt.*.tmp"))  # the torn temporary is all that was lost
@@ -246,11 +274,11 @@ def test_fp16_overflow_steps_are_skipped_up_to_a_bound(run_train, tmp_path):
     # (fp16 matmuls are slow on a CPU: few, small steps)
     flags = ["--loader", "torch", "--amp", "fp16", "--batch-size", "4", "--max-steps", "2", "--no-final-eval",
              "--val-max-images", "1", "--precise-bn", "1"]
-    ok = run_train(tmp_path / "a", *flags, env={"SAT_INJECT_NAN_AT_STEP": "2"})
+    ok = run_train(tmp_path / "a", *flags, env={"FAULT_NAN_AT_STEP": "2"})
     assert ok.returncode == 0, ok.stderr  # GradScaler skips the NaN step and lowers its scale
     saved = load_checkpoint(tmp_path / "a" / "last.pt")
     assert saved["step"] == 2 and saved["scaler"]["scale"] < 2.0**16
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
-    bad = run_train(tmp_path / "b", *flags, "--max-skipped-steps", "0", env={"SAT_INJECT_NAN_AT_STEP": "1"})
+    bad = run_train(tmp_path / "b", *flags, "--max-skipped-steps", "0", env={"FAULT_NAN_AT_STEP": "1"})
     assert bad.returncode == 1 and "consecutive fp16 steps overflowed" in bad.stderr
     assert not (tmp_path / "b" / "last.pt").exists()

@@ -40,7 +40,7 @@ def test_torchrun_exits_zero_and_every_rank_holds_the_same_weights(run_train, tm
         # and resuming under torchrun.
         hashes = tmp_path / f"hash{attempt}"
         r = run_train(out, "--loader", loader, "--epochs", str(attempt + 1), *QUICK, nproc=nproc,
-                      env={"SAT_PARAM_HASH_DIR": str(hashes)})
+                      env={"FAULT_PARAM_HASH_DIR": str(hashes)})
         _check(r, f"run {attempt + 1} ({nproc} processes, {loader})")
         assert len(_hashes(hashes, nproc)) == 1, "ranks ended with different weights"
         assert f"{nproc} process(es)" in r.stdout
@@ -55,7 +55,7 @@ def test_killed_rank_restarts_and_resumes_from_the_last_checkpoint(run_train, tm
     they resume at step 2 (batch 2 of epoch 1) and finish the 2 epochs (3 steps each with 2 x 8 per step)."""
     out = tmp_path / "run"
     r = run_train(out, "--loader", "torch", "--epochs", "2", "--save-every", "2", *QUICK, nproc=2, max_restarts=1,
-                  env={"SAT_CRASH_AT_STEP": "3", "SAT_CRASH_RANK": "1", "SAT_PARAM_HASH_DIR": str(tmp_path / "h")})
+                  env={"FAULT_CRASH_AT_STEP": "3", "FAULT_CRASH_RANK": "1", "FAULT_PARAM_HASH_DIR": str(tmp_path / "h")})
     _check(r, "run with a killed rank")
     assert "killing myself after step 3" in r.stderr
     assert "resumed from" in r.stdout and "batch 2, step 2" in r.stdout
