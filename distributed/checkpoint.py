@@ -147,3 +147,45 @@ def restore_scheduler(scheduler, saved: dict, cfg: TrainConfig, env: DistEnv) ->
     if cfg.lr_schedule == "cosine":
         scheduler.last_epoch = int(saved["step"]) - 1
         scheduler.step()
+
+
+# Rows of these tensors are indexed by word id: mapped word by word between vocabularies.
+WORD_ROWS = ("decoder.embedding.weight", "decoder.fc.weight", "decoder.fc.bias")
+
+
+def init_weights_from(model: torch.nn.Module, vocab: Vocabulary, path: str | Path) -> str:
+    """Start ``model`` (built for ``vocab``) from the weights of another captioner's checkpoint (ours or imported).
+
+    Every tensor whose name and shape fit is copied; the word-indexed rows (embedding, output layer) are copied
+    for the words both vocabularies share and keep their fresh initialization for the others. The model's
+    architecture must match the checkpoint's (a clear error lists the flags to set). Returns a one-line report.
+    """
+    saved = load_checkpoint(path)
+    mine = model.cfg.to_dict()
+    # vocab_size may differ (rows are mapped) and dropout is a training setting, not a shape.
+    arch = {k: v for k, v in saved["model_config"].items()
+            if k in mine and k not in ("vocab_size", "dropout") and mine[k] != v}
+    if arch:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in arch.items())
+        raise CheckpointError(f"--init-from {path}: the checkpoint's model differs from the configured one; add: {flags}")
+    their_vocab = Vocabulary.from_dict(saved["vocab"], source=f"{path} vocabulary")
+    shared = [(i, their_vocab.stoi[w]) for i, w in enumerate(vocab.itos) if w in their_vocab.stoi]
+    mine_ids = torch.tensor([a for a, _ in shared], dtype=torch.long)
+    their_ids = torch.tensor([b for _, b in shared], dtype=torch.long)
+    state = model.state_dict()
+    copied, mapped, skipped = 0, 0, []
+    with torch.no_grad():
+        for name, value in saved["model"].items():
+            if name not in state:
+                skipped.append(name)
+            elif name in WORD_ROWS:
+                state[name][mine_ids] = value[their_ids].to(state[name].dtype)
+                mapped += 1
+            elif state[name].shape == value.shape:
+                state[name].copy_(value)
+                copied += 1
+            else:
+                skipped.append(name)
+    model.load_state_dict(state)
+    return (f"initialized from {path}: {copied} tensors copied, {mapped} mapped by word ({len(shared)} of "
+            f"{len(vocab)} words shared), {len(skipped)} skipped{' (' + ', '.join(skipped[:3]) + ')' if skipped else ''}")
