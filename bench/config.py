@@ -15,18 +15,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from core.model import ModelConfig
+
 
 @dataclass(frozen=True)
 class BenchConfig:
     quick: bool
-    # model shapes
-    backbone: str
-    image_size: int
-    encoded_size: int
-    vocab_size: int
-    attention_dim: int
-    embed_dim: int
-    decoder_dim: int
+    model: ModelConfig  # the shapes of the benchmarked model (vocab_size included: no data to read it from)
     # search
     beam_size: int = 5
     max_len: int = 20
@@ -86,17 +81,13 @@ class BenchConfig:
 
     def model_key(self) -> str:
         """Identifies the model and its export: equal keys may share one exported directory."""
-        shape = {k: v for k, v in asdict(self).items() if k in _MODEL_FIELDS}
+        shape = {**self.model.to_dict(), "seed": self.seed}
         return hashlib.sha1(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:12]
 
     def describe(self) -> dict:
-        d = asdict(self)
-        d["num_threads"] = self.num_threads
-        d["num_pixels"] = self.encoded_size**2
-        return d
-
-
-_MODEL_FIELDS = {"backbone", "image_size", "encoded_size", "vocab_size", "attention_dim", "embed_dim", "decoder_dim", "seed"}
+        """Flat (the model's fields beside the run's): the ``config`` of every results file."""
+        d = {k: v for k, v in asdict(self).items() if k != "model"}
+        return {**self.model.to_dict(), **d, "num_threads": self.num_threads, "num_pixels": self.model.num_pixels}
 
 
 FULL_ROUNDS = {
@@ -121,13 +112,8 @@ QUICK_ROUNDS = {k: (3 if k.startswith("step") else 1) for k in FULL_ROUNDS}
 def full_config(threads: int = 0) -> BenchConfig:
     return BenchConfig(
         quick=False,
-        backbone="resnet101",
-        image_size=256,
-        encoded_size=14,
-        vocab_size=2600,
-        attention_dim=512,
-        embed_dim=512,
-        decoder_dim=512,
+        model=ModelConfig(vocab_size=2600, backbone="resnet101", image_size=256, encoded_size=14, attention_dim=512,
+                          embed_dim=512, decoder_dim=512),
         rounds=dict(FULL_ROUNDS),
         threads=threads,
     )
@@ -136,13 +122,9 @@ def full_config(threads: int = 0) -> BenchConfig:
 def quick_config(threads: int = 0) -> BenchConfig:
     return BenchConfig(
         quick=True,
-        backbone="resnet18",
-        image_size=64,
-        encoded_size=2,  # ResNet-18 at 64 px gives a 2x2 map
-        vocab_size=200,
-        attention_dim=64,
-        embed_dim=64,
-        decoder_dim=64,
+        # ResNet-18 at 64 px gives a 2x2 map
+        model=ModelConfig(vocab_size=200, backbone="resnet18", image_size=64, encoded_size=2, attention_dim=64,
+                          embed_dim=64, decoder_dim=64),
         max_len=6,
         encoder_batches=(1, 2),
         images_large=4,

@@ -14,7 +14,12 @@ of the fastest of a few copies).
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (python bench/floor.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -89,18 +94,10 @@ def floor_ms(bytes_read: int, bandwidth_GBps: float) -> float:
 
 
 if __name__ == "__main__":
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.config import full_config
 
-    from core.model import ModelConfig
-
     cfg = full_config()
-
-    model = CaptionModel(ModelConfig(vocab_size=cfg.vocab_size, backbone=cfg.backbone, encoded_size=cfg.encoded_size,
-                                     attention_dim=cfg.attention_dim, embed_dim=cfg.embed_dim, decoder_dim=cfg.decoder_dim))
+    model = CaptionModel(cfg.model)
     bw = measure_bandwidth(cfg.bandwidth_mb)
     print(f"memory bandwidth: {bw['bandwidth_GBps']:.1f} GB/s ({cfg.bandwidth_mb} MB copy)")
     for n in (1, cfg.images_large):

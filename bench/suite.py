@@ -45,7 +45,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from bench.config import BenchConfig
 from core import hardware
 from core.decode import Encoded, Hypothesis, beam_search
-from core.model import CaptionModel, ModelConfig
+from core.model import CaptionModel
 from core.vocab import Vocabulary
 
 RESIDUAL_SCALE = 0.1  # scale of each residual branch's last BatchNorm in the random encoder
@@ -66,10 +66,10 @@ def make_images(cfg: BenchConfig, n: int, seed: int) -> torch.Tensor:
     """n distinct image-like inputs (smooth random fields, per-image contrast), ImageNet-normalized range."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.randn(n, 3, 8, 8, generator=g)
-    images = torch.nn.functional.interpolate(coarse, size=(cfg.image_size, cfg.image_size), mode="bilinear",
+    images = torch.nn.functional.interpolate(coarse, size=(cfg.model.image_size, cfg.model.image_size), mode="bilinear",
                                              align_corners=False)
     images = images * (0.5 + 1.5 * torch.rand(n, 1, 1, 1, generator=g))
-    images = images + 0.3 * torch.randn(n, 3, cfg.image_size, cfg.image_size, generator=g)
+    images = images + 0.3 * torch.randn(n, 3, cfg.model.image_size, cfg.model.image_size, generator=g)
     return images.contiguous()
 
 
@@ -89,16 +89,7 @@ def calibrate_batchnorm(encoder: torch.nn.Module, images: torch.Tensor) -> None:
 
 def build_model(cfg: BenchConfig) -> CaptionModel:
     torch.manual_seed(cfg.seed)
-    mcfg = ModelConfig(
-        vocab_size=cfg.vocab_size,
-        backbone=cfg.backbone,
-        encoded_size=cfg.encoded_size,
-        image_size=cfg.image_size,
-        attention_dim=cfg.attention_dim,
-        embed_dim=cfg.embed_dim,
-        decoder_dim=cfg.decoder_dim,
-    )
-    model = CaptionModel(mcfg).eval()
+    model = CaptionModel(cfg.model).eval()
     with torch.no_grad():
         for block in model.encoder.modules():
             if isinstance(block, (Bottleneck, BasicBlock)):
@@ -189,7 +180,7 @@ class Suite:
         k = self.cfg.beam_size
         enc = self.encoded(n)
         g = torch.Generator().manual_seed(self.cfg.seed + 7)
-        words = torch.randint(4, self.cfg.vocab_size, (n * k,), generator=g).to(self.device)
+        words = torch.randint(4, self.cfg.model.vocab_size, (n * k,), generator=g).to(self.device)
         h = enc.h.repeat_interleave(k, dim=0).contiguous()
         c = enc.c.repeat_interleave(k, dim=0).contiguous()
         return words, h, c, enc.enc_out, enc.enc_att
@@ -384,7 +375,7 @@ def get_suite(cfg: BenchConfig, device: str = "cpu", tmp_root: Path | None = Non
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
         model = build_model(cfg)
-        vocab = make_vocab(cfg.vocab_size)
+        vocab = make_vocab(cfg.model.vocab_size)
         root = Path(tmp_root) if tmp_root else Path(tempfile.mkdtemp(prefix="sat-bench-"))
         export_dir = export_dir_for(cfg, model, vocab, root, device)
         model = model.to(device)

@@ -7,7 +7,7 @@ Parameter names follow the canonical PyTorch tutorial (a-PyTorch-Tutorial-to-Ima
     DecoderWithAttention:  attention.{encoder_att,decoder_att,full_att}, embedding, decode_step,
                            init_h, init_c, f_beta, fc
 
-The model exposes the two calls every backend shares (see ../shared/DESIGN.md):
+The model exposes the two calls every backend shares (the encode/step contract):
 
     encode(images [N,3,H,W]) -> Encoded(enc_out [N,P,C], enc_att [N,P,A], h [N,D], c [N,D])
     step(words [M], h [M,D], c [M,D], enc_out [N,P,C], enc_att [N,P,A]) -> logprobs [M,V], h, c, alpha [M,P]
@@ -18,8 +18,9 @@ image in ``encode``, and the k rows of one image attend over that image's featur
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +33,28 @@ from core.decode import Encoded
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 
 
+def _f(default, help: str, **extra) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int
-    backbone: str = "resnet101"
-    encoded_size: int = 14  # the encoder's spatial grid is encoded_size x encoded_size (P = encoded_size**2)
-    image_size: int = 224  # the input size the model was trained at (recorded for export and captioning)
-    attention_dim: int = 512
-    embed_dim: int = 512
-    decoder_dim: int = 512
-    dropout: float = 0.5
+    """The model's shape. Every field but ``vocab_size`` is a command-line flag of the trainer (help below);
+    ``vocab_size`` comes from the data: ``dataclasses.replace(cfg, vocab_size=len(vocab))`` before building."""
+
+    vocab_size: int | None = _f(None, "words in the vocabulary, <pad>/<start>/<end>/<unk> included (from the data)")
+    backbone: str = _f("resnet101", "encoder CNN", choices=tuple(BACKBONE_CHANNELS))
+    encoded_size: int = _f(14, "the encoder's feature grid is encoded_size x encoded_size regions (P = its square)")
+    image_size: int = _f(224, "input side in pixels the model is trained and run at")
+    attention_dim: int = _f(512, "attention MLP width")
+    embed_dim: int = _f(512, "word embedding size")
+    decoder_dim: int = _f(512, "LSTM hidden size")
+    dropout: float = _f(0.5, "dropout before the output layer")
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONE_CHANNELS:
             raise ValueError(f"backbone must be one of {sorted(BACKBONE_CHANNELS)}, got {self.backbone!r}")
-        if self.vocab_size < 5:
+        if self.vocab_size is not None and self.vocab_size < 5:
             raise ValueError(f"vocab_size must be at least 5 (4 special tokens + 1 word), got {self.vocab_size}")
         for name in ("encoded_size", "image_size", "attention_dim", "embed_dim", "decoder_dim"):
             if getattr(self, name) <= 0:
@@ -266,6 +274,8 @@ class CaptionModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size is unset: build with dataclasses.replace(cfg, vocab_size=len(vocab))")
         self.cfg = cfg
         self.encoder = Encoder(cfg.backbone, cfg.encoded_size)
         self.decoder = DecoderWithAttention(
@@ -287,24 +297,3 @@ class CaptionModel(nn.Module):
     def step(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         return self.decoder.step(words, h, c, enc_out, enc_att)
 
-
-class EncodeGraph(nn.Module):
-    """``encode`` as a module with plain tensor outputs: the graph exported to ONNX and TorchScript."""
-
-    def __init__(self, model: CaptionModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return tuple(self.model.encode(images))
-
-
-class StepGraph(nn.Module):
-    """``step`` as a module: the single decoder step that is exported."""
-
-    def __init__(self, model: CaptionModel):
-        super().__init__()
-        self.decoder = model.decoder
-
-    def forward(self, words: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
-        return self.decoder.step(words, h, c, enc_out, enc_att)

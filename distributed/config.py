@@ -3,9 +3,11 @@
     cfg = parse_config(["--data", "Flickr8k", "--preset", "demo", "--batch-size", "16"])
 
 Every field of :class:`TrainConfig` becomes a kebab-case flag (``decoder_lr`` -> ``--decoder-lr``) with the
-field's help text; booleans get ``--flag/--no-flag``. ``--preset NAME`` replaces the defaults with the preset's
-values first, so any flag given explicitly still wins. The resolved config is saved as ``config.json`` in the run
-directory (see ``distributed/train.py``).
+field's help text; booleans get ``--flag/--no-flag``. The model's shape is a nested ``core.model.ModelConfig``
+(``cfg.model``) whose fields are flags too (``--backbone``, ``--image-size``, ...); its ``vocab_size`` comes from
+the data. ``--preset NAME`` replaces the defaults with the preset's values first, so any flag given explicitly
+still wins. The resolved config is saved as ``config.json`` in the run directory and read back with
+``TrainConfig.from_dict``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+
+from core.model import ModelConfig
 
 
 def _f(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
@@ -38,13 +42,8 @@ class TrainConfig:
                         "if present; none; or a PATH)")
     out: str = _f("runs/train", "run directory: checkpoints, config.json, vocab.json, metrics.csv, figures")
     # ------------------------------------------------------------------ model
-    backbone: str = _f("resnet101", "encoder CNN", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
-    image_size: int = _f(224, "input side in pixels (train: resize to 1.125x then random crop; eval: resize)")
-    encoded_size: int = _f(14, "the encoder's feature grid is encoded_size x encoded_size regions")
-    attention_dim: int = _f(512, "attention MLP width")
-    embed_dim: int = _f(512, "word embedding size")
-    decoder_dim: int = _f(512, "LSTM hidden size")
-    dropout: float = _f(0.5, "dropout before the output layer")
+    model: ModelConfig = field(default_factory=ModelConfig,  # vocab_size: set from the data when the model is built
+                               metadata={"help": "the model's shape", "skip": ("vocab_size",)})
     encoder_weights: str = _f(
         "imagenet",
         "imagenet (torchvision weights, needs the file or network), none (train the whole encoder from "
@@ -97,15 +96,15 @@ class TrainConfig:
                                  "bounds the wall time on a slow or busy machine")
     save_every: int = _f(0, "also write last.pt every N optimizer steps (0: at the end of each epoch only)")
     resume: str = _f("auto", "auto (newest loadable checkpoint in --out, if any), none, or a checkpoint PATH")
-    progress: bool = _f(True, "tqdm progress bar on rank 0")
+    progress: bool = _f(True, "progress on rank 0: a bar on a terminal, else a line every --log-every steps")
+    log_every: int = _f(50, "progress line every N optimizer steps when stderr is not a terminal (0: none)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
-        positive = ("image_size", "encoded_size", "attention_dim", "embed_dim", "decoder_dim", "epochs",
-                    "batch_size", "val_beam_size", "test_beam_size", "max_decode_len", "eval_batch_size")
+        positive = ("epochs", "batch_size", "val_beam_size", "test_beam_size", "max_decode_len", "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -131,6 +130,18 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """The inverse of ``to_dict`` (``config.json``, a checkpoint's ``train_config``). Also reads the flat layout
+        of runs saved before the model's fields were nested; ``resolved`` values are ignored."""
+        d = {k: v for k, v in d.items() if k != "resolved"}
+        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = {**{k: d.pop(k) for k in list(d) if k in model_keys}, **d.pop("model", {})}
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown train config keys {unknown}")
+        return cls(**d, model=ModelConfig.from_dict({**model, "vocab_size": None}))
+
     def save(self, path: str | Path, **resolved: Any) -> None:
         """Write the config (and the values resolved at run time, e.g. the AMP dtype) as JSON."""
         from core.fileio import atomic_write_text
@@ -147,13 +158,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # for both parts (the encoder learns from scratch) with warm-up and cosine decay, light dropout, no random crop
     # (the captions name positions up to the image borders, which a crop can cut away).
     "demo": dict(
-        backbone="resnet18",
-        image_size=96,
-        encoded_size=3,
-        attention_dim=256,
-        embed_dim=256,
-        decoder_dim=256,
-        dropout=0.1,
+        model=dict(backbone="resnet18", image_size=96, encoded_size=3, attention_dim=256, embed_dim=256,
+                   decoder_dim=256, dropout=0.1),
         encoder_weights="none",
         batch_size=16,
         decoder_lr=2e-3,
@@ -172,12 +178,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # A few steps on tiny data: for tests and smoke runs.
     "tiny": dict(
-        backbone="resnet18",
-        image_size=64,
-        encoded_size=2,
-        attention_dim=32,
-        embed_dim=32,
-        decoder_dim=32,
+        model=dict(backbone="resnet18", image_size=64, encoded_size=2, attention_dim=32, embed_dim=32, decoder_dim=32),
         encoder_weights="none",
         batch_size=8,
         min_word_freq=1,
@@ -198,15 +199,24 @@ def _field_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | None = None) -> None:
-    """Add one kebab-case flag per field of dataclass ``cls`` (bools: ``--x/--no-x``), help from metadata."""
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | None = None, prefix: str = "",
+                       skip: Sequence[str] = ()) -> None:
+    """Add one kebab-case flag per field of dataclass ``cls`` (bools: ``--x/--no-x``), help from metadata.
+
+    A field that is itself a dataclass adds its own fields as flags of the same flat name, with ``dest``
+    ``"<field>.<name>"`` (``--backbone`` -> ``args.__dict__["model.backbone"]``). ``skip`` names fields left out.
+    """
     target = parser.add_argument_group(group) if group else parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
         tp, optional = _field_type(hints[f.name])
+        if f.name in skip:
+            continue
+        if dataclasses.is_dataclass(tp):
+            add_dataclass_args(parser, tp, f.metadata.get("help"), f"{prefix}{f.name}.", f.metadata.get("skip", ()))
+            continue
         help_text = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = dict(dest=f.name, default=f.default, help=f"{help_text} (default: %(default)s)")
+        kwargs: dict[str, Any] = dict(dest=prefix + f.name, default=f.default, help=f"{help_text} (default: %(default)s)")
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
@@ -214,11 +224,28 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | 
             kwargs["metavar"] = f.name.upper() if not f.metadata.get("choices") else None
             if f.metadata.get("choices"):
                 kwargs["choices"] = list(f.metadata["choices"])
-        target.add_argument(flag, **kwargs)
+        target.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, prefix: str = "") -> Any:
+    """The dataclass ``cls`` from the flags ``add_dataclass_args`` added (nested dataclasses from their dests)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        tp, _ = _field_type(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = config_from_args(args, tp, f"{prefix}{f.name}.")
+        elif hasattr(args, prefix + f.name):
+            values[f.name] = getattr(args, prefix + f.name)
+    return cls(**values)
+
+
+def flat_defaults(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"backbone": x}, "epochs": 1}`` -> the argparse dests ``{"model.backbone": x, "epochs": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in values.items():
+        out.update(flat_defaults(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def build_parser(prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
@@ -226,7 +253,9 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="start from these defaults (flags given explicitly still win): "
-                        + "; ".join(f"{k}: {', '.join(f'{a}={b}' for a, b in v.items())}" for k, v in PRESETS.items()))
+                        + "; ".join(f"{name}: " + ", ".join(f"{dest.split('.')[-1]}={value}"
+                                                            for dest, value in flat_defaults(preset).items())
+                                    for name, preset in PRESETS.items()))
     add_dataclass_args(parser, TrainConfig)
     return parser
 
@@ -236,7 +265,7 @@ def parse_config(argv: Sequence[str] | None = None, prog: str | None = None,
     parser = build_parser(prog, description)
     known, _ = parser.parse_known_args(argv)
     if known.preset:
-        parser.set_defaults(**PRESETS[known.preset])
+        parser.set_defaults(**flat_defaults(PRESETS[known.preset]))
     args = parser.parse_args(argv)
     try:
         return config_from_args(args)

@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script (python distributed/doctor.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from PIL import Image

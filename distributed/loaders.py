@@ -294,9 +294,9 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
     workers = default_workers(kind, env, cfg.workers, cfg.deterministic)
     train_table = data.caption_table("train", vocab, max_len=cfg.max_caption_len)
     val_table = data.caption_table("val", vocab, max_len=cfg.max_caption_len)
-    common = (data, train_table, cfg.image_size, cfg.batch_size, env)
+    common = (data, train_table, cfg.model.image_size, cfg.batch_size, env)
     train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last)
-    val = EvalLoader(data, val_table, cfg.image_size, cfg.eval_batch_size, env, kind, workers, "val",
+    val = EvalLoader(data, val_table, cfg.model.image_size, cfg.eval_batch_size, env, kind, workers, "val",
                      cfg.val_max_images)
     bn = make_train_loader(kind, *common, cfg.seed + 1, 0 if kind == "torch" else workers, cfg.hflip,
                            cfg.random_crop, cfg.channels_last) if cfg.precise_bn and cfg.train_encoder else None

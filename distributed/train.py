@@ -22,12 +22,12 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 if __package__ in (None, ""):  # run as a script (torchrun distributed/train.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -38,7 +38,7 @@ from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint
 from core.data import DataFormatError, DatasetNotFoundError, Flickr8k, apply_skip_list, load_flickr8k
 from core.fileio import WriteError, atomic_write_text
 from core.images import ImageLoadError
-from core.model import CaptionModel, ModelConfig, PretrainedWeightsError, caption_loss, load_pretrained_encoder
+from core.model import CaptionModel, PretrainedWeightsError, caption_loss, load_pretrained_encoder
 from core.skiplist import SKIP_LIST_NAME, SkipListError, read_skip_list
 from core.vocab import Vocabulary
 from distributed.checkpoint import Checkpointer, check_compatible, restore_scheduler, seed_everything, set_rng_state
@@ -106,16 +106,10 @@ def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, V
     return data, data.build_vocab(min_freq=cfg.min_word_freq)
 
 
-def model_config(cfg: TrainConfig, vocab: Vocabulary) -> ModelConfig:
-    return ModelConfig(vocab_size=len(vocab), backbone=cfg.backbone, encoded_size=cfg.encoded_size,
-                       image_size=cfg.image_size, attention_dim=cfg.attention_dim, embed_dim=cfg.embed_dim,
-                       decoder_dim=cfg.decoder_dim, dropout=cfg.dropout)
-
-
 def build_model(cfg: TrainConfig, vocab: Vocabulary) -> CaptionModel:
-    model = CaptionModel(model_config(cfg, vocab))
+    model = CaptionModel(replace(cfg.model, vocab_size=len(vocab)))
     if cfg.encoder_pretrained:
-        load_pretrained_encoder(model.encoder, cfg.backbone, cfg.encoder_weights)
+        load_pretrained_encoder(model.encoder, cfg.model.backbone, cfg.encoder_weights)
         model.encoder.fine_tune(cfg.fine_tune_encoder)  # frozen; with fine-tuning, blocks 2-4 train
     else:
         # A random frozen encoder would give the decoder noise to attend to: train all of it.
@@ -200,9 +194,11 @@ def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: T
     if not cfg.train_encoder:
         t.model.encoder.eval()  # frozen pretrained encoder: keep its BatchNorm statistics
     budget_s = cfg.time_budget * 60.0
+    # A bar on a terminal; in a log file (stderr not a TTY) one line every --log-every steps instead.
+    tty, show = sys.stderr.isatty(), env.is_main and cfg.progress
     bar = tqdm(loader.epoch(state.epoch, state.batches_done), total=loader.num_batches, initial=state.batches_done,
-               unit="batch", desc=f"epoch {state.epoch + 1}", disable=not (env.is_main and cfg.progress),
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+               unit="batch", desc=f"epoch {state.epoch + 1}", disable=not (show and tty), dynamic_ncols=True,
+               file=sys.stderr)
     loss_sum, steps, samples, seconds, stop = 0.0, 0, 0, 0.0, None
     tick = time.perf_counter()
     for batch in bar:
@@ -223,6 +219,9 @@ def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: T
         state.train_seconds += now - tick
         seconds += now - tick
         bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{samples / max(seconds, 1e-9):.1f}", refresh=False)
+        if show and not tty and cfg.log_every and state.step % cfg.log_every == 0:
+            print0(env, f"epoch {state.epoch + 1} batch {state.batches_done}/{loader.num_batches} step {state.step} | "
+                        f"loss {mean_loss:.3f} | {samples / max(seconds, 1e-9):.1f} samples/s")
         stop = "max steps" if cfg.max_steps and state.step >= cfg.max_steps else "time budget" if over_budget else None
         if cfg.save_every and state.step % cfg.save_every == 0 and not stop:  # (a stop saves after its eval)
             broadcast_buffers(t.model)
@@ -356,7 +355,7 @@ def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg
     test = {}
     if data.splits["test"]:
         table = data.caption_table("test", vocab, max_len=cfg.max_caption_len)
-        loader = EvalLoader(data, table, cfg.image_size, cfg.eval_batch_size, env, loaders.kind, loaders.workers, "test")
+        loader = EvalLoader(data, table, cfg.model.image_size, cfg.eval_batch_size, env, loaders.kind, loaders.workers, "test")
         t0 = time.perf_counter()
         m = evaluate(model, loader, table, vocab, autocast, cfg, env, cfg.test_beam_size)
         loader.close()
@@ -367,7 +366,7 @@ def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg
     if env.is_main:
         if test:
             atomic_write_text(out / "test_metrics.json", json.dumps(test, indent=1) + "\n")
-        write_learning_curve(state.history, out / "learning_curve.png", title=f"{cfg.backbone} on {cfg.data}")
+        write_learning_curve(state.history, out / "learning_curve.png", title=f"{cfg.model.backbone} on {cfg.data}")
         write_examples(model, data, vocab, data.splits["val"][: cfg.num_examples], cfg.test_beam_size,
                        cfg.max_decode_len, autocast, out / "examples")
         print0(env, f"outputs in {out}/: best.pt last.pt metrics.csv learning_curve.png test_metrics.json examples/")

@@ -6,6 +6,11 @@
 - ``run_train``: runs ``distributed/train.py`` in a subprocess (plain Python, or ``torchrun`` with ``nproc``)
   with the ``tiny`` preset and one CPU thread per process, and returns the CompletedProcess; ``FAULT_*`` variables
   in ``env`` run it through ``tests/fault_train.py``, which injects those faults.
+- ``one_thread``: torch runs on one intra-op thread during the test (spinning OpenMP threads on shared cores cost
+  several times the wall time); ``pytestmark = pytest.mark.usefixtures("one_thread")`` for a whole module.
+- ``tiny_model_config(vocab_size, **overrides)``: the ``ModelConfig`` of a tiny model (ResNet-18 at 64 px, 2x2
+  regions, small dims); ``tiny_model``: ``(model, vocab)`` of that config with seeded weights, in eval mode, over
+  ``TINY_CAPTIONS``' vocabulary. Shared by the session: build your own from ``tiny_model_config`` to change it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from core.model import CaptionModel, ModelConfig
+from core.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "distributed" / "train.py"
@@ -23,6 +32,32 @@ FAULT_TRAIN = REPO / "tests" / "fault_train.py"  # the same trainer with faults 
 
 SYNTHETIC_IMAGES = 48
 SYNTHETIC_SIZE = 64
+
+TINY_MODEL = dict(backbone="resnet18", encoded_size=2, image_size=64, attention_dim=16, embed_dim=8, decoder_dim=16)
+TINY_CAPTIONS = ["a red circle", "a blue square above a red circle", "two shapes"]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config():
+    def make(vocab_size: int, **overrides) -> ModelConfig:
+        return ModelConfig(vocab_size=vocab_size, **{**TINY_MODEL, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_config) -> tuple[CaptionModel, Vocabulary]:
+    torch.manual_seed(0)
+    vocab = Vocabulary.build(TINY_CAPTIONS)
+    return CaptionModel(tiny_model_config(len(vocab))).eval(), vocab
 
 
 @pytest.fixture(scope="session")

@@ -22,12 +22,13 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script (python tests/fault_train.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from distributed import checkpoint, train  # noqa: E402
+from distributed import checkpoint, train
 
 ENV = os.environ
 FIRST_ATTEMPT = ENV.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

@@ -1,9 +1,5 @@
 """Checkpoints: round trip, atomic writes, safe loading, clear mismatch messages, safetensors."""
 
-import io
-import os
-import pickle
-
 import pytest
 import torch
 
@@ -18,16 +14,11 @@ from core.checkpoint import (
     save_safetensors,
 )
 from core.fileio import WriteError, atomic_write
-from core.model import CaptionModel, ModelConfig
-from core.vocab import Vocabulary
 
 
 @pytest.fixture(scope="module")
-def trained():
-    torch.manual_seed(0)
-    vocab = Vocabulary.build(["a red circle", "a blue square above a red circle", "two shapes"])
-    cfg = ModelConfig(vocab_size=len(vocab), backbone="resnet18", encoded_size=2, image_size=64, attention_dim=16, embed_dim=8, decoder_dim=16)
-    return CaptionModel(cfg).eval(), vocab
+def trained(tiny_model):
+    return tiny_model
 
 
 def test_round_trip_rebuilds_the_same_model(tmp_path, trained):

@@ -18,7 +18,7 @@ from core.splits import Splits, load_karpathy_json, make_splits, random_splits
 from core.synthetic import generate
 from core.vocab import Vocabulary
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOKEN_TEXT = (
     "b.jpg#0\tA dog runs .\n"

@@ -6,16 +6,15 @@ import pytest
 import torch
 
 from core.decode import SEARCHES, Encoded, beam_search, greedy_search
-from core.model import CaptionModel, ModelConfig
+from core.model import CaptionModel
 
 START, END = 1, 2
 
 
 @pytest.fixture(scope="module")
-def model() -> CaptionModel:
+def model(tiny_model_config) -> CaptionModel:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=30, backbone="resnet18", encoded_size=2, image_size=64, attention_dim=16, embed_dim=16, decoder_dim=24)
-    model = CaptionModel(cfg).eval()
+    model = CaptionModel(tiny_model_config(30, embed_dim=16, decoder_dim=24)).eval()
     # Larger output weights make the distributions peaked and varied, as in a trained model.
     with torch.no_grad():
         model.decoder.fc.weight.mul_(30)

@@ -4,32 +4,26 @@ compatibility, bit-exact resume, NaN stop, a crash while writing a checkpoint. t
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
+from core.model import ModelConfig
 from distributed.config import PRESETS, TrainConfig, add_dataclass_args, parse_config
 from distributed.env import DistEnv
 from distributed.loaders import EvalLoader, make_train_loader
 from distributed.checkpoint import Checkpointer, check_compatible
 from distributed.evaluate import evaluate, recompute_bn_stats
 from distributed.optim import build_optimizer, build_scheduler
-from distributed.train import Trainee, TrainState, build_model, load_data, main, model_config, train_one_epoch
+from distributed.train import Trainee, TrainState, build_model, load_data, main, train_one_epoch
 
 CPU1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"), is_main=True)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_cfg(data: Path, *flags: str) -> TrainConfig:
@@ -60,13 +54,17 @@ def test_every_train_config_field_has_help_and_a_flag():
     text = help_text.format_help()
     for f in TrainConfig.__dataclass_fields__.values():
         assert f.metadata.get("help"), f.name
-        assert "--" + f.name.replace("_", "-") in text
+        assert f.name == "model" or "--" + f.name.replace("_", "-") in text
+    for f in ModelConfig.__dataclass_fields__.values():  # the nested model config: flat flags, vocab_size from data
+        assert f.metadata.get("help"), f.name
+        assert ("--" + f.name.replace("_", "-") in text) == (f.name != "vocab_size")
 
 
 def test_preset_then_explicit_flags_win():
     cfg = parse_config(["--preset", "demo", "--batch-size", "16", "--no-hflip"])
-    assert cfg.backbone == PRESETS["demo"]["backbone"] == "resnet18"
-    assert cfg.image_size == 96 and cfg.encoded_size == 3 and cfg.encoder_weights == "none"
+    assert cfg.model.backbone == PRESETS["demo"]["model"]["backbone"] == "resnet18"
+    assert cfg.model.image_size == 96 and cfg.model.encoded_size == 3 and cfg.encoder_weights == "none"
+    assert parse_config(["--preset", "demo", "--image-size", "128"]).model.image_size == 128
     assert cfg.amp == "auto"  # the hardware decides (core.hardware.choose_amp)
     assert cfg.batch_size == 16
     assert cfg.train_encoder  # from scratch: the whole encoder trains
@@ -111,23 +109,30 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_at_max_steps():
 def test_config_json_is_saved_with_resolved_values(tmp_path):
     cfg = parse_config(["--preset", "tiny"])
     cfg.save(tmp_path / "config.json", amp_dtype="bf16", world_size=2)
-    import json
-
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["backbone"] == "resnet18" and saved["resolved"] == {"amp_dtype": "bf16", "world_size": 2}
-    assert TrainConfig(**{k: v for k, v in saved.items() if k != "resolved"}) == cfg
+    assert saved["model"]["backbone"] == "resnet18" and saved["resolved"] == {"amp_dtype": "bf16", "world_size": 2}
+    assert TrainConfig.from_dict(saved) == cfg
+
+
+def test_a_flat_config_of_older_runs_still_reads():
+    cfg = parse_config(["--preset", "tiny"])
+    flat = {k: v for k, v in cfg.to_dict().items() if k != "model"}
+    flat.update({k: v for k, v in cfg.model.to_dict().items() if k != "vocab_size"})
+    assert TrainConfig.from_dict(flat) == cfg
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        TrainConfig.from_dict({**flat, "colour": 3})
 
 
 # ------------------------------------------------------------------------------------------------ in-process loop
-def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread):
-    cfg = tiny_cfg(synthetic_data, "--max-steps", "2", "--amp", "bf16")
+def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread, capsys):
+    cfg = tiny_cfg(synthetic_data, "--max-steps", "2", "--amp", "bf16", "--log-every", "1")
     data, vocab = load_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, vocab)
     optimizer = build_optimizer(model, cfg)
     assert len(optimizer.param_groups) == 2  # from scratch: decoder and the whole encoder
     train_table = data.caption_table("train", vocab)
-    loader = make_train_loader("torch", data, train_table, cfg.image_size, cfg.batch_size, CPU1, cfg.seed, 0)
+    loader = make_train_loader("torch", data, train_table, cfg.model.image_size, cfg.batch_size, CPU1, cfg.seed, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     state = TrainState()
     saves = []
@@ -136,11 +141,13 @@ def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread):
     stats = train_one_epoch(trainee, loader, cfg, CPU1, state, save_last=lambda: saves.append(state.step))
     assert stats["stop"] == "max steps" and math.isfinite(stats["train_loss"]) and stats["samples_per_s"] > 0
     assert (state.step, state.batches_done, state.epoch) == (2, 2, 0) and state.train_seconds > 0
+    out, err = capsys.readouterr()  # stderr is no terminal here: progress lines, no bar
+    assert "step 1 | loss" in out and "step 2 | loss" in out and "batch/s" not in err and "it/s" not in err
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith("encoder"))
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith("decoder"))
 
     val_table = data.caption_table("val", vocab)
-    val = EvalLoader(data, val_table, cfg.image_size, 2, CPU1, "torch", 0, "val")
+    val = EvalLoader(data, val_table, cfg.model.image_size, 2, CPU1, "torch", 0, "val")
     m = evaluate(model, val, val_table, vocab, nullcontext(), cfg, CPU1, beam_size=2)
     assert m["images"] == len(data.splits["val"]) == 5
     assert set(m["hypotheses"]) == set(range(5))
@@ -171,10 +178,9 @@ def test_precise_bn_replaces_lagging_running_statistics():
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def _tiny_checkpoint(synthetic_data, step: int, **cfg_changes):
+def _tiny_checkpoint(synthetic_data, step: int, **model_changes):
     cfg = tiny_cfg(synthetic_data)
-    for k, v in cfg_changes.items():
-        setattr(cfg, k, v)
+    cfg.model = replace(cfg.model, **model_changes)
     data, vocab = load_data(cfg)
     model = build_model(cfg, vocab)
     return cfg, vocab, model, make_checkpoint(model, vocab, step=step, train_config=cfg.to_dict(), world_size=1)
@@ -204,8 +210,8 @@ def test_incompatible_checkpoint_says_what_differs(synthetic_data):
     assert "--resume none" in str(e.value)
     other_vocab = type(vocab)(vocab.itos[4:-1])  # one word fewer
     with pytest.raises(CheckpointError, match="vocabulary"):
-        check_compatible(saved | {"model_config": model_config(cfg, other_vocab).to_dict()}, cfg,
-                         model_config(cfg, other_vocab), other_vocab, Path("last.pt"), CPU1)
+        other = replace(cfg.model, vocab_size=len(other_vocab))
+        check_compatible(saved | {"model_config": other.to_dict()}, cfg, other, other_vocab, Path("last.pt"), CPU1)
 
 
 def test_missing_dataset_names_the_demo_and_the_layout(tmp_path, capsys, one_thread):

@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+if __package__ in (None, ""):  # run as a script (python tools/gpu_check.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: `python tools/gpu_check.py`
-    sys.path.insert(0, str(ROOT))
 
 DEFAULT_BUDGET_S = 460.0  # all checks together; start-up and the table fit in the rest of 8 minutes
 MIN_STEP_S = 15.0  # a step that cannot get this much time is not started
@@ -307,21 +308,21 @@ def parity_worker(export_dir: str, checkpoint: str, data_dir: str, device: str =
     """
     import torch
 
-    from export.runtime import Captioner, EagerBackend, OrtBackend, Preprocessor
+    from export.runtime import Captioner, EagerBackend, OrtBackend
 
     torch.backends.cudnn.allow_tf32 = False  # fp32 on both sides (ORT runs with use_tf32=0)
     torch.backends.cuda.matmul.allow_tf32 = False
     ort = OrtBackend(export_dir, providers=[device])
     eager = EagerBackend.from_checkpoint(checkpoint, device)
-    pre = Preprocessor(ort.preprocess)
+    cap = Captioner(ort, beam_size=3)
     paths = sorted(p for p in (Path(data_dir) / "Images").iterdir() if p.is_file())[:PARITY_IMAGES]
-    images = torch.stack([pre.load(p) for p in paths])  # on the CPU: each backend moves them where it runs
+    images = torch.stack([cap.load(p) for p in paths])  # on the CPU: each backend moves them where it runs
     enc_e, enc_o = eager.encode(images), ort.encode(images)
     words = torch.full((len(paths),), ort.vocab.start_id, dtype=torch.long, device=device)
     step_e = eager.step(words, enc_e.h, enc_e.c, enc_e.enc_out, enc_e.enc_att)
     step_o = ort.step(words, enc_e.h, enc_e.c, enc_e.enc_out, enc_e.enc_att)
     caps_e = Captioner(eager, beam_size=3).caption(images)
-    caps_o = Captioner(ort, beam_size=3).caption(images)
+    caps_o = cap.caption(images)
     caps_16 = Captioner(OrtBackend(export_dir, providers=[device], fp16=True), beam_size=3).caption(images) \
         if device == "cuda" else []
     rel = (enc_o.enc_out - enc_e.enc_out).abs().max() / enc_e.enc_out.abs().max().clamp_min(1e-12)
