@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from core.fileio import atomic_write, atomic_write_text
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
@@ -56,20 +54,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def model_state(model: nn.Module) -> dict:
-    """The state_dict of a model, unwrapped from DDP / torch.compile if needed."""
-    model = getattr(model, "module", model)
-    model = getattr(model, "_orig_mod", model)
-    return model.state_dict()
-
-
 def make_checkpoint(model: CaptionModel, vocab: Vocabulary, **training_state: Any) -> dict[str, Any]:
-    inner = getattr(model, "module", model)
+    """``model`` is the plain module (the trainer unwraps DDP once)."""
     return {
         "format_version": FORMAT_VERSION,
-        "model_config": inner.cfg.to_dict(),
+        "model_config": model.cfg.to_dict(),
         "vocab": vocab.to_dict(),
-        "model": model_state(model),
+        "model": model.state_dict(),
         **training_state,
     }
 
@@ -119,9 +110,8 @@ def save_safetensors(model: CaptionModel, vocab: Vocabulary, directory: str | Pa
     from safetensors.torch import save as st_save
 
     directory = Path(directory)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model_state(model).items()}
-    inner = getattr(model, "module", model)
-    meta = {"format_version": FORMAT_VERSION, "model_config": inner.cfg.to_dict(), "vocab": vocab.to_dict()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"format_version": FORMAT_VERSION, "model_config": model.cfg.to_dict(), "vocab": vocab.to_dict()}
     atomic_write(directory / "model.safetensors", lambda f: f.write(st_save(tensors)))
     atomic_write_text(directory / "model.json", json.dumps(meta, indent=1))
     return directory

@@ -29,6 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, parse_token_file
+from core.cli import add_deprecated_alias
 from core.datacheck import add_check_command
 from core.images import image_transform, load_image
 # export/runtime.py imports these four from here.
@@ -251,14 +252,9 @@ class _ImageDataset(Dataset):
 class TrainDataset(_ImageDataset):
     """One sample per image: ``(image float32 [3, S, S], index)``.
 
-    Captions are attached per batch by :func:`collate_train` (``index`` = row of the
+    Captions are attached per batch by ``CaptionTable.sample(indices, epoch, seed)`` (``index`` = row of the
     :class:`CaptionTable` built from the same ``names``).
     """
-
-    @classmethod
-    def from_flickr8k(cls, data: Flickr8k, image_size: int, split: str = "train",
-                      hflip: bool = False) -> TrainDataset:
-        return cls(data.images_dir, data.splits[split], image_transform(image_size, train=True, hflip=hflip))
 
 
 class EvalDataset(_ImageDataset):
@@ -274,33 +270,10 @@ class EvalDataset(_ImageDataset):
             raise ValueError("EvalDataset and its CaptionTable must be built from the same image names")
         self.table = table
 
-    @classmethod
-    def from_flickr8k(cls, data: Flickr8k, image_size: int, split: str = "val",
-                      table: CaptionTable | None = None) -> EvalDataset:
-        return cls(data.images_dir, data.splits[split], image_transform(image_size, train=False), table)
-
     def references(self, i: int) -> list[list[str]]:
         if self.table is None:
             raise RuntimeError("EvalDataset was built without a CaptionTable")
         return self.table.references(i)
-
-
-def collate_train(batch: Sequence[tuple[Tensor, int]] | tuple[Tensor, Tensor], table: CaptionTable,
-                  epoch: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(images [B,3,S,S], captions int64 [B,T], lengths int64 [B])`` from a batch of ``(image, index)``.
-
-    ``batch`` is either the list of samples (use as ``collate_fn`` via ``functools.partial``)
-    or an already collated ``(images, indices)`` pair from a default DataLoader - the latter lets
-    the training loop pass the current epoch without rebuilding worker processes.
-    """
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor) \
-            and isinstance(batch[1], Tensor) and batch[0].dim() == 4:
-        images, indices = batch
-    else:
-        images = torch.stack([b[0] for b in batch])
-        indices = torch.tensor([int(b[1]) for b in batch], dtype=torch.int64)
-    captions, lengths = table.sample(indices, epoch=epoch, seed=seed)
-    return images, captions, lengths
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,20 +282,21 @@ def collate_train(batch: Sequence[tuple[Tensor, int]] | tuple[Tensor, Tensor], t
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", type=Path, help="dataset root (Images/ + Flickr8k.token.txt)")
     p.add_argument("--karpathy-json", type=Path, default=None, help="take captions and splits from this file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random split (no official split files)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the random split (no official split files)")
+    add_deprecated_alias(p, "--seed", "--split-seed", type=int)
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction of images in test (random split)")
 
 
 def load_from_args(args: argparse.Namespace) -> Flickr8k:
     """:func:`load_flickr8k` from the arguments added by ``add_dataset_args``."""
-    return load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.seed,
+    return load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed,
                          val_frac=args.val_frac, test_frac=args.test_frac)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     data = load_from_args(args)
-    vocab = data.build_vocab(min_freq=args.min_freq)
+    vocab = data.build_vocab(min_freq=args.min_word_freq)
     n_files = sum(1 for e in os.scandir(data.images_dir) if e.is_file())
     per_image = [len(c) for c in data.captions.values()]
     lengths = [len(tokenize(c)) for caps in data.captions.values() for c in caps]
@@ -334,14 +308,16 @@ def cmd_info(args: argparse.Namespace) -> int:
           f"{len(data.missing_images)} captioned images missing")
     print(f"caption words  mean {sum(lengths) / len(lengths):.1f}, max {max(lengths)}")
     print(f"splits         train {sizes['train']}, val {sizes['val']}, test {sizes['test']}")
-    print(f"vocabulary     {len(vocab)} entries incl. 4 specials (train split, min_freq={args.min_freq})")
+    print(f"vocabulary     {len(vocab)} entries incl. 4 specials (train split, --min-word-freq {args.min_word_freq})")
     return 0
 
 
 def add_info_command(sub: Any) -> None:
     p = sub.add_parser("info", help="print counts of images, captions, splits and vocabulary size")
     add_dataset_args(p)
-    p.add_argument("--min-freq", type=int, default=1, help="vocabulary minimum word frequency")
+    p.add_argument("--min-word-freq", type=int, default=5,
+                   help="words seen fewer times in the train captions become <unk>, as in training (default 5)")
+    add_deprecated_alias(p, "--min-freq", "--min-word-freq", type=int)
     p.set_defaults(func=cmd_info)
 
 

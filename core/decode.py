@@ -1,4 +1,4 @@
-"""Greedy and beam search as pure control flow over the encode/step contract.
+"""Beam search as pure control flow over the encode/step contract (beam size 1 is greedy decoding).
 
 The same functions drive eager PyTorch, TorchScript and ONNX Runtime: a backend only supplies ``Encoded``
 (from its encoder) and a ``step`` callable taking and returning torch tensors:
@@ -48,30 +48,6 @@ def _check_args(encoded: Encoded, max_len: int, beam_size: int = 1) -> Encoded:
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     return encoded
-
-
-@torch.no_grad()
-def greedy_search(encoded: Encoded, step: StepFn, max_len: int, start_id: int, end_id: int) -> list[Hypothesis]:
-    """Take the most likely word at each step, for N images at once."""
-    enc_out, enc_att, h, c = _check_args(encoded, max_len)
-    n = enc_out.shape[0]
-    words = torch.full((n,), start_id, dtype=torch.long, device=h.device)
-    finished = torch.zeros(n, dtype=torch.bool, device=h.device)
-    scores = torch.zeros(n, device=h.device)
-    tokens, alphas = [], []
-    for _ in range(max_len):
-        logprobs, h, c, alpha = step(words, h, c, enc_out, enc_att)
-        logprobs = logprobs.float()
-        words = logprobs.argmax(dim=1)  # (N,)
-        scores += torch.where(finished, 0.0, logprobs.gather(1, words[:, None]).squeeze(1))
-        tokens.append(words)
-        alphas.append(alpha.float())
-        finished |= words == end_id
-        if finished.all():
-            break
-    tokens_t = torch.stack(tokens, 1).cpu()  # (N, T)
-    alphas_t = torch.stack(alphas, 1).cpu()  # (N, T, P)
-    return [_hypothesis(tokens_t[i], float(scores[i]), alphas_t[i], end_id) for i in range(n)]
 
 
 def _take(x: Tensor, idx: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from core.captions import DataFormatError, parse_token_file
-from core.data import CaptionTable, DatasetNotFoundError, EvalDataset, TrainDataset, caption_choice, collate_train, \
+from core.data import CaptionTable, DatasetNotFoundError, EvalDataset, TrainDataset, caption_choice, \
     load_flickr8k
 from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, image_transform, load_image, train_resize_size
 from core.splits import Splits, load_karpathy_json, make_splits, random_splits
@@ -378,30 +378,20 @@ def test_caption_table_sample_deterministic(table_and_vocab) -> None:
     assert table.sample([1], epoch=0, seed=0)[1].tolist() == [5]  # trims to the batch's longest
 
 
-def test_collate_train_both_batch_forms(table_and_vocab) -> None:
-    table, _ = table_and_vocab
-    samples = [(torch.zeros(3, 8, 8), 0), (torch.ones(3, 8, 8), 2)]
-    images, caps, lens = collate_train(samples, table, epoch=1, seed=0)
-    assert images.shape == (2, 3, 8, 8) and caps.shape[0] == 2 and lens.shape == (2,)
-    images2, caps2, lens2 = collate_train((images, torch.tensor([0, 2])), table, epoch=1, seed=0)
-    assert torch.equal(images, images2) and torch.equal(caps, caps2) and torch.equal(lens, lens2)
-
-
 def test_datasets_shapes(synth) -> None:
     data = load_flickr8k(synth)
     vocab = data.build_vocab()
     table = data.caption_table("train", vocab)
-    ds = TrainDataset.from_flickr8k(data, image_size=32)
+    ds = TrainDataset(data.images_dir, data.splits.train, image_transform(32, train=True))
     assert len(ds) == len(table) == 16
     img, i = ds[3]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32 and i == 3
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0,
-                                         collate_fn=lambda b: collate_train(b, table, epoch=0, seed=0))
-    images, caps, lens = next(iter(loader))
+    images, indices = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)))
+    caps, lens = table.sample(indices, epoch=0, seed=0)
     assert images.shape == (4, 3, 32, 32) and caps.shape == (4, int(lens.max()))
 
     val_table = data.caption_table("val", vocab)
-    ev = EvalDataset.from_flickr8k(data, image_size=32, split="val", table=val_table)
+    ev = EvalDataset(data.images_dir, data.splits.val, image_transform(32, train=False), table=val_table)
     img, i = ev[1]
     assert img.shape == (3, 32, 32) and ev.references(i) == val_table.references(1)
     assert torch.equal(ev[1][0], img)  # eval transform is deterministic
@@ -415,3 +405,17 @@ def test_wide_range_grey_images_are_stretched(tmp_path) -> None:
     for img, name in ((i32, "i32.tif"), (f32, "f32.tif")):
         out = load_image(_save(img, tmp_path / name))
         assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 0)) == (255, 255, 255), name
+
+
+def test_info_flags_match_train_and_old_names_still_parse(synth, capsys) -> None:
+    from core.data import main
+
+    assert main(["info", str(synth), "--split-seed", "3", "--min-word-freq", "1"]) == 0
+    new = capsys.readouterr()
+    assert main(["info", str(synth), "--seed", "3", "--min-freq", "1"]) == 0
+    old = capsys.readouterr()
+    assert old.out == new.out and "--seed is deprecated, use --split-seed" in old.err
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--split-seed" in help_text and "--min-word-freq" in help_text and "--seed " not in help_text

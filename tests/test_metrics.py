@@ -192,3 +192,36 @@ def test_untokenized_input_is_rejected():
         corpus_bleu_scores([["a", "dog"]], [["a dog"]])
     with pytest.raises(ValueError, match="empty corpus"):
         caption_metrics([], [])
+
+
+# ------------------------------------------------------------------------------- CIDEr-D against the reference
+GOLDEN_HYPS = [
+    "a dog runs on the grass",
+    "two children play in the water",
+    "a man rides a bike",
+    "a red circle above a blue square",
+    "",
+    "a dog a dog a dog",
+]
+GOLDEN_REFS = [
+    ["a brown dog runs across the grass", "a dog is running on green grass", "the dog runs"],
+    ["two kids splash in the water", "children are playing in a pool", "two children swim", "kids in water"],
+    ["a man riding a bicycle down the street", "a cyclist on a road"],
+    ["a red circle is above a blue square", "a blue square below a red circle", "red circle , blue square"],
+    ["a cat sleeps", "a cat is sleeping on a bed"],
+    ["a dog plays with a ball", "a dog"],
+]
+
+
+def test_cider_d_equals_the_coco_caption_reference():
+    """Golden values from pycocoevalcap's CiderD scorer (pure Python; its Java tokenizer is not used: the
+    captions here are already tokenized and space-joined)."""
+    cider = pytest.importorskip("pycocoevalcap.cider.cider")
+    gts = {i: refs for i, refs in enumerate(GOLDEN_REFS)}
+    res = {i: [hyp] for i, hyp in enumerate(GOLDEN_HYPS)}
+    mean, per_image = cider.Cider().compute_score(gts, res)
+    hyps = [h.split() for h in GOLDEN_HYPS]
+    refs = [[r.split() for r in rs] for rs in GOLDEN_REFS]
+    assert cider_d_per_image(hyps, refs) == pytest.approx(list(per_image), abs=1e-6)
+    assert cider_d(hyps, refs) == pytest.approx(mean, abs=1e-6)
+    assert mean > 0.1  # a corpus with real matches, not a trivial zero

@@ -16,7 +16,8 @@ import torch
 
 from core import synthetic
 from core.captions import parse_token_file
-from core.data import EvalDataset, TrainDataset, collate_train, load_flickr8k
+from core.data import EvalDataset, TrainDataset, load_flickr8k
+from core.images import image_transform
 from core.synthetic import COLORS, SHAPES, Scene, Shape, describe, generate, random_scene, relation, render
 from core.vocab import tokenize
 
@@ -191,16 +192,17 @@ def test_cli_dataset_reads_back_end_to_end(tmp_path) -> None:
     assert 35 <= len(vocab) <= 64
 
     table = data.caption_table("train", vocab)
-    ds = TrainDataset.from_flickr8k(data, image_size=64)
+    ds = TrainDataset(data.images_dir, data.splits.train, image_transform(64, train=True))
     loader = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, num_workers=0)
-    images, captions, lengths = collate_train(next(iter(loader)), table, epoch=0, seed=0)
+    images, indices = next(iter(loader))
+    captions, lengths = table.sample(indices, epoch=0, seed=0)
     assert images.shape == (8, 3, 64, 64) and images.dtype == torch.float32
     assert captions.shape == (8, int(lengths.max())) and captions.dtype == torch.int64
     assert (captions[:, 0] == vocab.start_id).all()
     assert (captions[torch.arange(8), lengths - 1] == vocab.end_id).all()
 
     val_table = data.caption_table("val", vocab)
-    ev = EvalDataset.from_flickr8k(data, image_size=64, split="val", table=val_table)
+    ev = EvalDataset(data.images_dir, data.splits.val, image_transform(64, train=False), table=val_table)
     img, i = ev[0]
     assert img.shape == (3, 64, 64) and len(ev.references(i)) == 5
 
