@@ -32,8 +32,8 @@ class BenchConfig:
     # rounds per group (each round is one call; one untimed warm-up call precedes them)
     rounds: dict = field(default_factory=dict)
     bandwidth_mb: int = 512  # size of the array copied to measure memory bandwidth
-    # images export_model uses for its own int8 caption check: few, the suite measures agreement itself (this is
-    # part of the set-up, which took about 3.5 of the 8 budgeted minutes on a loaded 2-core machine with 8)
+    # images export_model uses for its own int8 caption check: few, because the suite measures agreement itself
+    # and this check runs in the set-up, whose time counts against the budget
     export_calib_images: int = 2
     threads: int = 0  # 0: os.cpu_count()
     seed: int = 0

@@ -3,7 +3,7 @@
 A decoder step over M = N x k rows reads, at the least, every weight of the step's layers once (the LSTM cell,
 f_beta, fc, decoder_att, full_att), one embedding row per row, each image's enc_out and enc_att once (the k beams
 share them), and h/c. Counted from the model's own parameters, so any shape config gets its floor. With the
-tutorial's shapes the weights alone are about 36 MB, more than this machine's L3 cache, so they stream from DRAM
+tutorial's shapes the weights alone are about 36 MB, more than a typical CPU's L3 cache, so they stream from DRAM
 every step.
 
 Bandwidth is measured in the same run by copying a large array (bytes read + bytes written, divided by the time

@@ -155,15 +155,15 @@ def test_bad_arguments_are_named():
         beam_search(bad, lm, beam_size=2, max_len=5, start_id=START, end_id=END)
 
 
-class IssueCase(TableLM):
-    """The case of issue 10, beam 2: a caption that finishes early and must survive better unfinished beams.
+class EarlyFinishLM(TableLM):
+    """Beam 2: a caption that finishes early and must survive better unfinished beams.
 
     Words: 3 "a", 4 "b", 5 "c", 6 "d", 7 "x", 8 "y", 9..19 a tail of unlikely words (the rest of each row).
     <start>: a 0.5, b 0.45. a: <end> 2e^-2.954 (so "a" scores -2.954). b: c 0.6, d 0.1. c: x 0.42, y 0.38.
     x: <end> e^-3.287 / (0.45*0.6*0.42) (so "b c x" scores -3.287). y: <end> 0.3. d and the tail: <end> 0.9.
     Step 2's top two are "b c" (0.27) and "a <end>" (0.052). A search that keeps the finished "a" in its slot
-    loses it at step 3 to "b c x" (0.113) and "b c y" (0.103), which then end lower (-3.287): the old search's
-    answer. The tutorial sets "a" aside and returns it; so must the default search.
+    loses it at step 3 to "b c x" (0.113) and "b c y" (0.103), which then end lower (-3.287). The tutorial sets
+    "a" aside and returns it; so must the default search.
     """
 
     def __init__(self):
@@ -191,7 +191,7 @@ class IssueCase(TableLM):
 
 @pytest.mark.parametrize("search", SEARCHES)
 def test_a_finished_caption_is_never_lost(search):
-    lm = IssueCase()
+    lm = EarlyFinishLM()
     (hyp,) = beam_search(lm.encoded(1), lm, beam_size=2, max_len=10, start_id=START, end_id=END, search=search)
     assert hyp.tokens == [3]
     assert hyp.score == pytest.approx(-2.954, abs=1e-4)
