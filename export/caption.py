@@ -8,8 +8,9 @@
 Output, one line per image on stdout: ``path<TAB>caption``, or with --json a JSON object per line
 ``{"file", "caption", "score"}``. A file that is not a readable image gets an ``error: ...`` line on stderr naming
 it (``{"file", "error"}`` on stdout with --json); the others are still captioned and the exit code is 1.
-Directories are expanded to the image files they hold (not recursive). With --data, BLEU-1..4 and CIDEr-D
-against the dataset's reference captions are printed on stderr at the end.
+Directories are expanded to the image files they hold (not recursive); URLs are refused (download first).
+With --data, BLEU-1..4 and CIDEr-D against the dataset's reference captions are printed on stderr at the end.
+Progress (count, rate, time left) goes to stderr: a bar on a terminal, else a line every --progress-every images.
 
 --model: an export directory (export/to_onnx.py). With --backend eager it may also be a checkpoint .pt; an
 export directory works for eager too, through the model.safetensors the exporter writes there.
@@ -21,34 +22,51 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from core import hardware
 from core.images import IMAGE_EXTENSIONS
+from core.logs import add_verbosity_args, get_logger, setup_logging
+
+log = get_logger("caption")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m export.caption", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("inputs", nargs="*", type=Path, help="image files or directories of images")
+    p.add_argument("inputs", nargs="*", help="image files or directories of images")
     p.add_argument("--model", type=Path, default=Path("exported"),
                    help="export directory (default exported/); for --backend eager also a checkpoint .pt")
     p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default="ort", help="runtime (default ort)")
-    p.add_argument("--beam", type=int, default=5, help="beam size; 1 is greedy (default 5)")
-    p.add_argument("--max-len", type=int, default=None, help="maximum caption length (default: the manifest's, 20)")
+    p.add_argument("--beam", type=positive_int, default=5, help="beam size; 1 is greedy (default 5)")
+    p.add_argument("--max-len", type=positive_int, default=None,
+                   help="maximum caption length (default: the model's recorded one, else 20)")
     p.add_argument("--length-norm", type=float, default=0.0, help="rank by score / length**a (default 0: raw sum)")
     p.add_argument("--search", choices=["default", "tutorial"], default="default",
                    help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
                         "caption_image_beam_search (its captions, word for word; see README)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (ORT intra-op / torch)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (ORT intra-op / torch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
     p.add_argument("--int8", action="store_true", help="ort: use the int8 decoder step (export --quantize int8)")
     p.add_argument("--fp16", action="store_true", help="ort on CUDA: use the fp16 graphs (export --fp16)")
@@ -57,15 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file-list", type=Path, default=None, help="text file with one image path per line")
     p.add_argument("--data", type=Path, default=None, help="Flickr8k-layout dataset: caption images of --split")
     p.add_argument("--split", default="test", help="split of --data (default test)")
-    p.add_argument("--limit", type=int, default=None, help="caption at most this many images of --data")
+    p.add_argument("--limit", type=positive_int, default=None, help="caption at most this many images of --data")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
-    p.add_argument("-v", "--verbose", action="store_true", help="log backend details")
+    p.add_argument("--progress-every", type=positive_int, default=100,
+                   help="without a terminal: a progress line every N images (default 100)")
+    add_verbosity_args(p)
     return p
 
 
-def expand_inputs(inputs: Sequence[Path], errors: list[str]) -> Iterator[Path]:
-    """Files as given, directories as their image files (sorted); an empty directory is an error."""
-    for path in inputs:
+# ------------------------------------------------------------------------------------------------- inputs
+class InputError(ValueError):
+    """The inputs cannot be read at all (a missing file list, an unknown split): nothing is captioned."""
+
+
+def expand_inputs(inputs: Sequence[str | Path], errors: list[str]) -> Iterator[Path]:
+    """Files as given, directories as their image files (sorted); an empty directory or a URL is an error."""
+    for item in inputs:
+        if _URL.match(str(item)):
+            errors.append(f"{item}: URLs are not supported; download the image and pass the file")
+            continue
+        path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                            and not p.name.startswith("."))
@@ -76,17 +105,115 @@ def expand_inputs(inputs: Sequence[Path], errors: list[str]) -> Iterator[Path]:
             yield path
 
 
-def read_file_list(path: Path) -> list[Path]:
+def read_file_list(path: Path) -> list[str]:
+    """Lines of a file list (blank lines and # comments skipped); relative paths are taken from its folder."""
     base = path.parent
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             p = Path(line)
-            out.append(p if p.is_absolute() or p.exists() else base / p)
+            out.append(line if _URL.match(line) or p.is_absolute() or p.exists() else str(base / p))
     return out
 
 
+def dataset_inputs(data_dir: Path, split: str, limit: int | None) -> dict[str, list[list[str]]]:
+    """{image path: tokenized reference captions} for the first ``limit`` images of a split."""
+    from core.data import load_flickr8k
+    from core.splits import SPLIT_NAMES
+    from core.vocab import tokenize
+
+    if split not in SPLIT_NAMES:
+        raise InputError(f"{data_dir} has no split {split}; choose from {', '.join(SPLIT_NAMES)}")
+    data = load_flickr8k(data_dir)
+    return {str(data.image_path(n)): [tokenize(c) for c in data.captions[n]] for n in data.splits[split][:limit]}
+
+
+@dataclass
+class Inputs:
+    paths: list[Path] = field(default_factory=list)
+    references: dict[str, list[list[str]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # inputs that are not captioned, each counted as failed
+
+
+def gather_inputs(args: argparse.Namespace) -> Inputs:
+    from core.data import DataFormatError, DatasetNotFoundError
+
+    found = Inputs()
+    items = list(args.inputs)
+    try:
+        if args.file_list:
+            items += read_file_list(args.file_list)
+        if args.data:
+            found.references = dataset_inputs(args.data, args.split, args.limit)
+    except OSError as e:
+        raise InputError(f"{e.filename}: {e.strerror or e}") from e
+    except (DataFormatError, DatasetNotFoundError) as e:
+        raise InputError(str(e)) from e
+    found.paths = list(expand_inputs(items, found.errors)) + [Path(p) for p in found.references]
+    if not found.paths and not found.errors:
+        raise InputError("nothing to caption: give image files or directories, --file-list or --data")
+    return found
+
+
+# -------------------------------------------------------------------------------------------------- model
+def load_captioner(args: argparse.Namespace):
+    """The backend and Captioner of ``args``; errors are ExportFormatError, CheckpointError, ValueError, ..."""
+    from export.runtime import Captioner, load_backend
+
+    device = None if args.device == "auto" else args.device
+    backend = load_backend(args.backend, args.model, threads=args.threads, int8=args.int8, fp16=args.fp16,
+                           device=device, verify=not args.no_verify)
+    return Captioner(backend, beam_size=args.beam, max_len=args.max_len, length_norm=args.length_norm,
+                     search=args.search)
+
+
+def path_reason(backend_name: str, device: str) -> str:
+    """Why the model runs where it does, in the words of core.hardware."""
+    hw = hardware.detect()
+    if backend_name == "ort":
+        return hardware.choose_caption_path(hw, device).reason
+    if device != "auto":
+        return f"--device {device}"
+    return "a CUDA GPU is visible" if hw.cuda else f"no CUDA GPU ({hardware.summary(hw)})"
+
+
+# ----------------------------------------------------------------------------------------------- progress
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Progress:
+    """Images done out of ``total`` on stderr: a tqdm bar on a terminal, else one log line every ``every``."""
+
+    def __init__(self, total: int, every: int, stream=None):
+        from tqdm import tqdm
+
+        stream = stream or sys.stderr
+        self.total, self.every, self.done = total, every, 0
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, unit="img", file=stream, disable=not stream.isatty(), leave=False)
+
+    def update(self) -> None:
+        self.done += 1
+        self.bar.update(1)
+        if self.bar.disable and (self.done % self.every == 0) and self.done < self.total:
+            log.info("%s", self.line())
+
+    def rate(self) -> float:
+        return self.done / max(time.perf_counter() - self.t0, 1e-9)
+
+    def line(self) -> str:
+        rate = self.rate()
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return f"{self.done}/{self.total} images, {rate:.1f} images/s, {_duration(left)} left"
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ------------------------------------------------------------------------------------------------ the run
 def _unique_stem(path: str, used: set[str]) -> str:
     stem = Path(path).stem or "image"
     name, i = stem, 2
@@ -96,102 +223,99 @@ def _unique_stem(path: str, used: set[str]) -> str:
     return name
 
 
+def save_figures(r, save_dir: Path, used: set[str]) -> None:
+    """DIR/<name>.png with its caption and DIR/<name>_attention.png; OSError/ValueError when they cannot be written."""
+    from core.viz import save_attention_figure, save_captioned_image
+
+    stem = _unique_stem(r.path, used)
+    save_captioned_image(r.path, r.caption, save_dir / f"{stem}.png")
+    if r.words:
+        grid = int(round(math.sqrt(r.alphas.shape[1])))
+        save_attention_figure(r.path, r.words, r.alphas, grid=grid, path=save_dir / f"{stem}_attention.png")
+
+
+@dataclass
+class Tally:
+    captioned: int = 0
+    failed: int = 0
+    hyps: list[list[str]] = field(default_factory=list)  # captions of the --data images, for the metrics
+    refs: list[list[list[str]]] = field(default_factory=list)
+
+
+def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
+    """Caption every path, printing one line each (stdout) and each error (stderr) as it comes."""
+    tally, used = Tally(failed=len(inputs.errors)), set()
+    progress = Progress(len(inputs.paths), args.progress_every)
+    try:
+        for r in captioner.caption_paths(inputs.paths, args.batch_size, keep_alphas=args.save_dir is not None):
+            progress.update()
+            if not r.ok:
+                tally.failed += 1
+                print(f"error: {r.error}", file=sys.stderr)
+                if args.json:
+                    print(json.dumps(r.to_json()), flush=True)
+                continue
+            tally.captioned += 1
+            print(json.dumps(r.to_json()) if args.json else f"{r.path}\t{r.caption}", flush=True)
+            if r.path in inputs.references:
+                tally.hyps.append(r.words)
+                tally.refs.append(inputs.references[r.path])
+            if args.save_dir:
+                try:
+                    save_figures(r, args.save_dir, used)
+                except (OSError, ValueError) as e:
+                    tally.failed += 1
+                    print(f"error: {r.path}: could not write figures to {args.save_dir}: {e}", file=sys.stderr)
+    finally:
+        progress.close()
+    return tally
+
+
+def summary(args: argparse.Namespace, tally: Tally, seconds: float) -> str:
+    done = tally.captioned + tally.failed
+    line = f"{tally.captioned} captioned, {tally.failed} failed in {seconds:.2f} s ({done / max(seconds, 1e-9):.1f} images/s)"
+    if tally.hyps:
+        from core.metrics import caption_metrics
+
+        m = caption_metrics(tally.hyps, tally.refs)
+        line += (f"; vs {args.data} references ({len(tally.hyps)} images): BLEU-1 {m['bleu1']:.3f} "
+                 f"BLEU-4 {m['bleu4']:.3f} CIDEr-D {m['cider']:.3f}")
+    if args.save_dir:
+        line += f"; figures in {args.save_dir}"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    from core.data import DataFormatError, DatasetNotFoundError
+    setup_logging("caption", args.verbose - args.quiet)
     from core.checkpoint import CheckpointError
-    from export.runtime import Captioner, ExportFormatError, configure_logging, load_backend
-
-    configure_logging("caption", logging.INFO if args.verbose else logging.WARNING)
+    from export.runtime import ExportFormatError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    errors: list[str] = []
-    references: dict[str, list[list[str]]] = {}
-    paths: list[Path] = list(expand_inputs(args.inputs, errors))
     try:
-        if args.file_list:
-            paths += read_file_list(args.file_list)
-        if args.data:
-            from core.data import load_flickr8k
-            from core.vocab import tokenize
-
-            data = load_flickr8k(args.data)
-            names = data.splits[args.split][: args.limit]
-            for n in names:
-                p = data.image_path(n)
-                references[str(p)] = [tokenize(c) for c in data.captions[n]]
-                paths.append(p)
-    except (OSError, DataFormatError, DatasetNotFoundError, KeyError) as e:
+        inputs = gather_inputs(args)
+        if args.save_dir:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+    except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if not paths and not errors:
-        print("error: nothing to caption: give image files or directories, --file-list or --data", file=sys.stderr)
+    except OSError as e:
+        print(f"error: cannot create --save-dir {args.save_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
-
-    if args.save_dir:
-        from core.viz import save_attention_figure, save_captioned_image
-
-        try:
-            args.save_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            print(f"error: cannot create --save-dir {args.save_dir}: {e.strerror or e}", file=sys.stderr)
-            return 2
-        used: set[str] = set()
-
-    device = None if args.device == "auto" else args.device
     try:
-        backend = load_backend(args.backend, args.model, threads=args.threads, int8=args.int8, fp16=args.fp16,
-                               device=device, verify=not args.no_verify)
-        captioner = Captioner(backend, beam_size=args.beam, max_len=args.max_len, length_norm=args.length_norm,
-                              search=args.search)
+        captioner = load_captioner(args)
     except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    print(f"[caption] {backend.describe()}, beam {args.beam} ({args.search} search), max_len {captioner.max_len}",
-          file=sys.stderr)
-
-    for e in errors:
+    log.info("%s, beam %d (%s search), max_len %d; %s", captioner.backend.describe(), args.beam, args.search,
+             captioner.max_len, path_reason(args.backend, args.device))
+    for e in inputs.errors:
         print(f"error: {e}", file=sys.stderr)
-    failed, captioned = len(errors), 0
-    hyps, refs = [], []
     t0 = time.perf_counter()
-    for r in captioner.caption_paths(paths, batch_size=args.batch_size, keep_alphas=args.save_dir is not None):
-        if not r.ok:
-            failed += 1
-            print(f"error: {r.error}", file=sys.stderr)
-            if args.json:
-                print(json.dumps(r.to_json()), flush=True)
-            continue
-        captioned += 1
-        print(json.dumps(r.to_json()) if args.json else f"{r.path}\t{r.caption}", flush=True)
-        if r.path in references:
-            hyps.append(r.words)
-            refs.append(references[r.path])
-        if args.save_dir:
-            stem = _unique_stem(r.path, used)
-            try:
-                save_captioned_image(r.path, r.caption, args.save_dir / f"{stem}.png")
-                if r.words:
-                    grid = int(round(math.sqrt(r.alphas.shape[1])))
-                    save_attention_figure(r.path, r.words, r.alphas, grid=grid,
-                                          path=args.save_dir / f"{stem}_attention.png")
-            except (OSError, ValueError) as e:
-                failed += 1
-                print(f"error: {r.path}: could not write figures to {args.save_dir}: {e}", file=sys.stderr)
-    seconds = time.perf_counter() - t0
-    summary = f"[caption] {captioned} captioned, {failed} failed in {seconds:.2f} s"
-    if hyps:
-        from core.metrics import caption_metrics
-
-        m = caption_metrics(hyps, refs)
-        summary += (f"; vs {args.data} references ({len(hyps)} images): BLEU-1 {m['bleu1']:.3f} "
-                    f"BLEU-4 {m['bleu4']:.3f} CIDEr-D {m['cider']:.3f}")
-    if args.save_dir:
-        summary += f"; figures in {args.save_dir}"
-    print(summary, file=sys.stderr)
-    return 1 if failed else 0
+    tally = caption_all(args, captioner, inputs)
+    log.info("%s", summary(args, tally, time.perf_counter() - t0))
+    return 1 if tally.failed else 0
 
 
 def _main_guarded() -> int:

@@ -1,7 +1,9 @@
-"""The export directory's format: file names, graph input/output names, manifest read/verify helpers.
+"""The export directory's format: file names, graph input/output names, the manifest (built, read, verified).
 
-Shared by the exporter (export/to_onnx.py) and the runtime (export/runtime.py). Imports nothing heavy
-(no torch, no onnxruntime; ``onnx`` only inside :func:`check_external_data`).
+    python export/to_onnx.py --checkpoint RUN/best.pt --out exported/     # writes a directory in this format
+
+Shared by the exporter (export/to_onnx.py) and the runtime (export/runtime.py). No onnxruntime here, and
+``onnx`` only inside :func:`check_external_data`.
 
 An export directory holds::
 
@@ -11,7 +13,7 @@ An export directory holds::
     decoder_step.onnx      words [M], h [M,D], c [M,D], enc_out [N,P,C], enc_att [N,P,A] -> logprobs [M,V], h, c, alpha [M,P]
     decoder_step.int8.onnx (--quantize int8) dynamic int8 quantization of the step
     encoder.fp16.onnx, decoder_step.fp16.onnx  (--fp16, CUDA only) float32 interface, float16 inside
-    encoder.ts, decoder_step.ts                (legacy) TorchScript traces of the same two graphs
+    encoder.ts, decoder_step.ts                (--torchscript) TorchScript traces of the same two graphs
     model.safetensors, model.json              weights + config for the eager backend (no pickle)
 """
 
@@ -20,8 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from core.fileio import atomic_write_text
+from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 FORMAT = "sat-export"
 FORMAT_VERSION = 1
@@ -37,6 +43,8 @@ ENCODER_TS = "encoder.ts"
 STEP_TS = "decoder_step.ts"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_META = "model.json"
+
+DEFAULT_MAX_LEN = 20  # caption length limit where neither the manifest nor the checkpoint records one
 
 ENCODER_INPUTS = ("images",)
 ENCODER_OUTPUTS = ("enc_out", "enc_att", "h", "c")
@@ -168,3 +176,100 @@ def _all_tensors(graph):
                 yield from _all_tensors(attr.g)
             for g in attr.graphs:
                 yield from _all_tensors(g)
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+def default_preprocess(image_size: int) -> dict[str, Any]:
+    """The manifest's ``preprocess`` section: core.images' eval transform, written out as data."""
+    return {
+        "image_size": int(image_size),
+        "resize": "stretch",  # whole image to (S, S), aspect ratio not kept, no crop
+        "interpolation": "bilinear",  # Pillow Image.resize BILINEAR (antialiased when downscaling)
+        "antialias": True,
+        "color": "RGB",  # alpha composited onto white; grey/16-bit/CMYK converted (core.images.to_rgb)
+        "exif_transpose": True,
+        "divisor": 255.0,  # uint8 -> [0, 1] (x / 255) before normalization
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def transform_for(spec: dict[str, Any]) -> ImageTransform:
+    """The image transform a ``preprocess`` section describes: core.images' eval transform, the only one there is."""
+    expected = default_preprocess(int(spec.get("image_size", 0)) or 1)
+    for key in ("resize", "interpolation", "divisor", "mean", "std", "exif_transpose"):
+        if key in spec and spec[key] != expected[key]:
+            raise ExportFormatError(f"unsupported preprocessing: {key} = {spec[key]} (this runtime implements "
+                                    f"{key} = {expected[key]}, the training transform)")
+    return ImageTransform(int(spec["image_size"]), train=False)
+
+
+# --------------------------------------------------------------------------------------------- building
+def file_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file of ``directory`` but the manifest."""
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxscript": onnxscript.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+_IO = {
+    "encoder": {"inputs": {"images": "float32[N,3,S,S]"},
+                "outputs": {"enc_out": "float32[N,P,C]", "enc_att": "float32[N,P,A]",
+                            "h": "float32[N,D]", "c": "float32[N,D]"}},
+    "decoder_step": {"inputs": {"words": "int64[M]", "h": "float32[M,D]", "c": "float32[M,D]",
+                                "enc_out": "float32[N,P,C]", "enc_att": "float32[N,P,A]"},
+                     "outputs": {"logprobs": "float32[M,V]", "h_next": "float32[M,D]",
+                                 "c_next": "float32[M,D]", "alpha": "float32[M,P]"},
+                     "rows": "M = N*k, image-major: rows i*k..i*k+k-1 belong to image i"},
+}
+
+
+def build_manifest(export_dir: Path, cfg, vocab, graphs: dict[str, Any], decode: dict[str, Any],
+                   source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of the files now in ``export_dir`` (``cfg``: core.model.ModelConfig; ``vocab``: its Vocabulary)."""
+    torchscript = "encoder_ts" in graphs
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model_config": cfg.to_dict(),
+        "dims": {
+            "vocab_size": cfg.vocab_size,
+            "encoded_size": cfg.encoded_size,
+            "num_pixels": cfg.num_pixels,  # P
+            "encoder_dim": cfg.encoder_dim,  # C
+            "attention_dim": cfg.attention_dim,  # A
+            "decoder_dim": cfg.decoder_dim,  # D
+            "embed_dim": cfg.embed_dim,
+        },
+        "preprocess": default_preprocess(cfg.image_size),
+        "tokens": {"pad_id": vocab.pad_id, "start_id": vocab.start_id, "end_id": vocab.end_id,
+                   "unk_id": vocab.unk_id, "pad": "<pad>", "start": "<start>", "end": "<end>", "unk": "<unk>"},
+        "decode": {"length_norm": 0.0, **decode},
+        "io": _IO,
+        "opset": graphs["encoder"]["opset"],
+        "exporter": {
+            "onnx": "+".join(sorted({graphs[g]["exporter"] for g in ("encoder", "decoder_step")})),
+            "torchscript": "torch.jit.trace (legacy: TorchScript is deprecated upstream in favour of torch.export)"
+            if torchscript else None,
+            "versions": versions(),
+        },
+        "graphs": graphs,
+        "files": file_entries(export_dir),
+        "source": source or {},
+    }
+
+
+def write_manifest(export_dir: Path, manifest: dict[str, Any]) -> Path:
+    return atomic_write_text(Path(export_dir) / MANIFEST, json.dumps(manifest, indent=1) + "\n")

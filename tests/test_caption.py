@@ -60,16 +60,70 @@ def test_cli_in_process_backends_agree_and_file_list(art, tmp_path, capsys):
     assert all(o == first for o in outputs.values()), outputs
 
 
-def test_cli_directory_input_and_empty_directory(art, tmp_path, capsys):
+def test_cli_directory_input_progress_lines_and_empty_directory(art, tmp_path, capsys):
     rc = caption.main([str(art.image_paths[0].parent), "--model", str(art.export_dir), "--beam", "1",
-                       "--batch-size", "16", "--threads", "1"])
+                       "--batch-size", "16", "--threads", "1", "--progress-every", "15"])
     out, err = capsys.readouterr()
     assert rc == 0 and len(out.splitlines()) == 40
+    # stderr is not a terminal here: no bar, a line every 15 images with the count, the rate and the time left
+    progress = [line for line in err.splitlines() if "images/s" in line and " left" in line]
+    assert [line.split()[1] for line in progress] == ["15/40", "30/40"], err
+    assert "\r" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
     rc = caption.main([str(empty), str(art.image_paths[0]), "--model", str(art.export_dir), "--beam", "1"])
     out, err = capsys.readouterr()
     assert rc == 1 and len(out.splitlines()) == 1 and f"{empty}: directory holds no image files" in err
+
+
+def test_progress_bar_only_on_a_terminal():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert caption.Progress(10, 5, stream=io.StringIO()).bar.disable
+    assert not caption.Progress(10, 5, stream=Terminal()).bar.disable
+
+
+def test_beam_0_is_refused_by_argument_parsing_before_any_model_loads(monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(caption, "load_captioner", no_model)
+    with pytest.raises(SystemExit) as e:
+        caption.main(["a.jpg", "--beam", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--beam" in err and "must be 1 or more, got 0" in err
+
+
+def test_a_checkpoint_with_the_onnx_backend_says_what_to_do(art, capsys):
+    rc = caption.main([str(art.image_paths[0]), "--model", str(art.checkpoint)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: cannot load the model:")
+    assert "--backend eager" in err and "export it first" in err and "export/to_onnx.py" in err
+    assert "'" not in err and '"' not in err
+
+
+def test_urls_are_refused_by_name_and_the_rest_is_captioned(art, tmp_path, capsys):
+    url = "https://example.com/dog.jpg"
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"{url}\n")
+    rc = caption.main([url, str(art.image_paths[0]), "--file-list", str(listing), "--model", str(art.export_dir),
+                       "--beam", "1", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and len(out.splitlines()) == 1
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {url}: URLs are not supported; download the image and pass the file"] * 2
+    assert "https:/example" not in err
+
+
+def test_an_unknown_split_is_one_line_without_quotes(art, capsys):
+    rc = caption.main(["--data", str(art.data_dir), "--split", "nope", "--model", str(art.export_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "no split nope; choose from" in err
+    assert "'" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_model_errors_exit_2_with_a_clear_message(art, tmp_path, capsys):

@@ -16,7 +16,7 @@ from test_export_support import artifacts
 from core.checkpoint import model_from_checkpoint
 from core.vocab import Vocabulary
 from export import manifest as fmt
-from export import to_onnx
+from export import parity, quantize, to_onnx
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,17 @@ def test_script_writes_every_file_with_its_hash(art, manifest):
     assert "exported" in art.export_log and "int8 step" in art.export_log
     # no partial directory is left next to the export
     assert not [p for p in art.export_dir.parent.iterdir() if ".partial-" in p.name]
+
+
+def test_export_directory_is_readable_by_other_users(art):
+    """A service user reads the export: not mkdtemp's 0700, but 0777/0666 less the umask (0755/0644 usually)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert art.export_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+    for p in art.export_dir.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
 
 
 def test_manifest_is_self_contained(art, manifest):
@@ -161,7 +172,7 @@ def test_gemm_to_matmul_rewrite_is_exact():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", 5])],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    rewritten, n = to_onnx.gemm_to_matmul(onnx.ModelProto.FromString(model.SerializeToString()))
+    rewritten, n = quantize.gemm_to_matmul(onnx.ModelProto.FromString(model.SerializeToString()))
     assert n == 1 and [nd.op_type for nd in rewritten.graph.node] == ["MatMul", "Add"]
     x = rng.standard_normal((4, 3)).astype(np.float32)
     run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
@@ -187,9 +198,9 @@ class _Off:
 def test_parity_report_flags_a_backend_beyond_tolerance(art):
     model, _ = model_from_checkpoint(art.checkpoint)
     images = torch.randn(8, 3, 64, 64)
-    good = to_onnx.parity_report(model, _Off(model, 0.0), images)
+    good = parity.parity_report(model, _Off(model, 0.0), images)
     assert good["failures"] == [] and good["worst"]["logprobs_max_abs"] == 0.0
-    bad = to_onnx.parity_report(model, _Off(model, 1e-2), images)
+    bad = parity.parity_report(model, _Off(model, 1e-2), images)
     assert len(bad["failures"]) == 9 and all("logprobs" in f for f in bad["failures"])
     assert bad["worst"]["logprobs_max_abs"] == pytest.approx(1e-2, rel=1e-3)
 
@@ -217,7 +228,7 @@ def test_export_refuses_to_replace_a_foreign_directory(tmp_path):
     staged = tmp_path / "staged"
     staged.mkdir()
     with pytest.raises(to_onnx.ExportError, match="refusing to replace"):
-        to_onnx._install(staged, target)
+        to_onnx.publish(staged, target)
     assert (target / "thesis.tex").read_text() == "precious"
 
 
@@ -227,3 +238,16 @@ def test_export_model_rejects_a_mismatched_vocabulary(art, tmp_path):
         to_onnx.export_model(model, Vocabulary(vocab.itos[4:-1]), tmp_path / "out")
     with pytest.raises(ValueError, match="quantize"):
         to_onnx.export_model(model, vocab, tmp_path / "out", quantize="int4")
+
+
+def test_max_len_defaults_to_the_checkpoints_recorded_length():
+    assert to_onnx.build_parser().parse_args([]).max_len is None
+    assert to_onnx.caption_max_len(None, {"decode": {"max_len": 51}}) == 51  # e.g. an imported tutorial model
+    assert to_onnx.caption_max_len(None, {}) == fmt.DEFAULT_MAX_LEN == 20
+    assert to_onnx.caption_max_len(7, {"decode": {"max_len": 51}}) == 7
+
+
+def test_torchscript_only_when_asked():
+    args = to_onnx.build_parser().parse_args
+    assert args([]).torchscript is False
+    assert args(["--torchscript"]).torchscript is True and args(["--no-torchscript"]).torchscript is False

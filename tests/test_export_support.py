@@ -96,7 +96,8 @@ def artifacts(tmp_path_factory) -> Artifacts:
     t0 = time.perf_counter()
     proc = subprocess.run(
         [PYTHON, "export/to_onnx.py", "--checkpoint", str(ckpt), "--out", str(export_dir), "--quantize", "int8",
-         "--calib-data", str(data_dir), "--split", "test", "--calib-images", "8", "--threads", "1", "--fp16"],
+         "--calib-data", str(data_dir), "--split", "test", "--calib-images", "8", "--threads", "1", "--fp16",
+         "--torchscript"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     seconds = time.perf_counter() - t0

@@ -138,6 +138,13 @@ def test_tampered_export_is_refused_by_the_onnx_runtime(exported, tmp_path, case
         runtime.OrtBackend(d, providers=["cpu"])
 
 
+def test_torchscript_files_only_when_asked(exported):
+    """Exported without --torchscript: no .ts files, and the torchscript backend says how to get them."""
+    assert not list(exported[0].glob("*.ts"))
+    with pytest.raises(ExportFormatError, match="export with --torchscript"):
+        runtime.load_backend("torchscript", exported[0])
+
+
 def test_tampered_safetensors_is_refused_by_the_eager_runtime(exported, tmp_path):
     d = copy_export(exported[0], tmp_path / "exp")
     flip_middle_byte(d / "model.safetensors")
@@ -206,12 +213,13 @@ def test_caption_command_refuses_a_tampered_export_in_one_line(exported, tmp_pat
 def _bad_inputs(d: Path) -> tuple[list[Path], set[str]]:
     """Files to caption, and the names that must come back as errors."""
     good = {"ok.jpg": corpus.jpeg((48, 40)), "grey.png": corpus.png((40, 40), mode="L"),
-            "one_pixel.png": corpus.png((1, 1)), "animation.gif": corpus.gif(),
+            "one_pixel.png": corpus.png((1, 1)),
             "enormous_but_legal.jpg": corpus.encode(corpus.Image.new("RGB", (4000, 3000), (90, 140, 200)), "JPEG"),
             "cmyk.jpg": corpus.jpeg((40, 40), mode="CMYK")}
     bad = {"empty.jpg": b"", "truncated.jpg": corpus.truncated_jpeg(), "readme.jpg": corpus.text_named_jpg(),
-           "bomb.png": corpus.png_bomb_header(), "corrupt.png": corpus.corrupt_png()}
-    from core.data import to_rgb
+           "bomb.png": corpus.png_bomb_header(), "corrupt.png": corpus.corrupt_png(),
+           "animation.gif": corpus.gif()}  # GIF is not an accepted format (core.images.ACCEPTED_FORMATS)
+    from core.images import to_rgb
 
     try:
         to_rgb(corpus.Image.new("La", (2, 2)))

@@ -17,9 +17,9 @@ from export.runtime import (
     EagerBackend,
     ExportFormatError,
     OrtBackend,
-    Preprocessor,
     TorchScriptBackend,
     load_backend,
+    transform_for,
 )
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -110,11 +110,13 @@ def test_eager_from_the_export_dir_equals_eager_from_the_checkpoint(art, backend
     torch.testing.assert_close(enc.enc_out, encodings["eager"].enc_out[:2])
 
 
-def test_preprocessing_matches_the_training_eval_transform(art, backends):
-    pre = Preprocessor(backends["ort"].preprocess)
+def test_preprocessing_is_the_training_eval_transform(art, backends):
+    cap = Captioner(backends["ort"], beam_size=1)
     ref = image_transform(64, train=False)
     for p in art.image_paths[:3]:
-        torch.testing.assert_close(pre.load(p), ref(load_image(p)), atol=0, rtol=0)
+        torch.testing.assert_close(cap.load(p), ref(load_image(p)), atol=0, rtol=0)
+    with pytest.raises(ExportFormatError, match="unsupported preprocessing: resize = crop"):
+        transform_for({**backends["ort"].preprocess, "resize": "crop"})
 
 
 def test_caption_paths_streams_in_order_and_reports_bad_files(art, backends, tmp_path):

@@ -1,0 +1,136 @@
+"""Captioner: images or image files -> captions, by core.decode's beam search over any backend.
+
+    from export.runtime import load_backend, Captioner
+    captioner = Captioner(load_backend("ort", "exported/"), beam_size=5)
+    for r in captioner.caption_paths(["a.jpg", "b.jpg"], batch_size=16):
+        print(r.path, r.caption if r.ok else r.error)
+
+Files are read by core.images (the one image loader) and transformed as the manifest's ``preprocess`` section
+says, which is core.images' eval transform.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.decode import Hypothesis, beam_search, check_search
+from core.images import ImageLoadError, load_image
+from core.vocab import Vocabulary
+from export.backends import Backend
+from export.manifest import DEFAULT_MAX_LEN, transform_for
+
+
+@dataclass
+class CaptionResult:
+    path: str
+    caption: str = ""
+    words: list[str] = field(default_factory=list)
+    score: float = float("nan")
+    alphas: Tensor | None = None  # [len(words), P], when keep_alphas
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"file": self.path, "error": self.error}
+        return {"file": self.path, "caption": self.caption, "score": round(self.score, 6)}
+
+
+def _chunks(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for p in paths:
+        chunk.append(str(p))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class Captioner:
+    """Beam search (core.decode) over a backend, batched: N images x k beams are the M rows of one step."""
+
+    def __init__(self, backend: Backend, vocab: Vocabulary | None = None, beam_size: int = 5,
+                 max_len: int | None = None, length_norm: float = 0.0, preprocess: dict[str, Any] | None = None,
+                 search: str = "default"):
+        self.backend = backend
+        self.vocab = vocab or backend.vocab
+        if self.vocab is None:
+            raise ValueError("no vocabulary: pass vocab= (the backend did not bring one)")
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        check_search(search, length_norm)
+        self.beam_size = beam_size
+        self.max_len = int(max_len or backend.decode_defaults.get("max_len", DEFAULT_MAX_LEN))
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {self.max_len}")
+        self.length_norm = length_norm
+        self.search = search  # "default", or "tutorial": the tutorial's caption_image_beam_search decisions
+        self.transform = transform_for(preprocess or backend.preprocess)
+
+    def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
+        """Preprocessed images [N,3,S,S] float32 -> one Hypothesis per image."""
+        images = self.backend.check_images(images)
+        encoded = self.backend.encode(images)
+        return beam_search(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
+                           self.vocab.end_id, length_norm=self.length_norm, search=self.search)
+
+    def caption(self, images: Tensor) -> list[str]:
+        return [self.vocab.decode(h.tokens) for h in self.caption_tensors(images)]
+
+    def load(self, path: str | os.PathLike) -> Tensor:
+        """One file as the model's input [3,S,S]; an unusable file raises core.images.ImageLoadError naming it."""
+        return self.transform(load_image(path))
+
+    def _load_batch(self, paths: Sequence[str]) -> list[Tensor | str]:
+        out: list[Tensor | str] = []
+        for p in paths:
+            try:
+                out.append(self.load(p))
+            except ImageLoadError as e:
+                out.append(str(e))
+            except OSError as e:
+                out.append(f"{p}: {e.strerror or e}")
+        return out
+
+    def _results(self, chunk: list[str], loaded: list[Tensor | str], keep_alphas: bool) -> Iterator[CaptionResult]:
+        good = [i for i, x in enumerate(loaded) if isinstance(x, Tensor)]
+        hyps: dict[int, Hypothesis] = {}
+        if good:
+            hyps = dict(zip(good, self.caption_tensors(torch.stack([loaded[i] for i in good]))))
+        for i, p in enumerate(chunk):
+            if i not in hyps:
+                yield CaptionResult(p, error=loaded[i])
+                continue
+            hyp = hyps[i]
+            words = self.vocab.decode_tokens(hyp.tokens)
+            yield CaptionResult(p, " ".join(words), words, hyp.score, hyp.alphas if keep_alphas else None)
+
+    def caption_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
+                      keep_alphas: bool = False) -> Iterator[CaptionResult]:
+        """Caption image files in order, batch_size at a time (memory flat in the number of files).
+
+        Decoding of the next batch overlaps inference on the current one (one background thread). A file that
+        is not a readable image yields a CaptionResult with ``error`` set (naming the file); the rest go on.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-load") as pool:
+            it = _chunks(paths, batch_size)
+            first = next(it, None)
+            pending = (first, pool.submit(self._load_batch, first)) if first else None
+            while pending is not None:
+                chunk, future = pending
+                nxt = next(it, None)
+                pending = (nxt, pool.submit(self._load_batch, nxt)) if nxt else None
+                yield from self._results(chunk, future.result(), keep_alphas)
