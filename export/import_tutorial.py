@@ -21,8 +21,8 @@ What is mapped:
 - decoding: max_len 51, the tutorial caption.py's limit (``if step > 50: break`` follows its 51st step: captions
   of up to 50 words and <end>). ``python -m export.caption --search tutorial`` reproduces its captions.
 
-The output is one of our checkpoints (core/checkpoint.py), read by export/to_onnx.py (pass ``--max-len 51``)
-and ``export.caption --backend eager``. It carries no optimizer state: training does not resume from it.
+The output is one of our checkpoints (core/checkpoint.py), with max_len 51 recorded, read by export/to_onnx.py
+(which records that length in the export) and ``export.caption --backend eager``. It carries no optimizer state: training does not resume from it.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"max_len {TUTORIAL_MAX_LEN}")
     print(f"caption like the tutorial: python -m export.caption IMAGES --model {args.out} --backend eager "
           f"--search tutorial")
-    print(f"export: python export/to_onnx.py --checkpoint {args.out} --out DIR --max-len {TUTORIAL_MAX_LEN}")
+    print(f"export: python export/to_onnx.py --checkpoint {args.out} --out DIR   # records max_len {TUTORIAL_MAX_LEN}")
     return 0
 
 
