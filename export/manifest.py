@@ -91,7 +91,7 @@ def read_manifest(export_dir: str | os.PathLike) -> dict[str, Any]:
         )
     for key in ("files", "dims", "preprocess", "tokens"):
         if not isinstance(manifest.get(key), dict):
-            raise ExportFormatError(f"{path}: missing or malformed section {key!r}")
+            raise ExportFormatError(f"{path}: missing or malformed section {key}")
     for name in manifest["files"]:
         if not safe_relative(name):
             raise ExportFormatError(f"{path}: file entry {name!r} points outside the export directory")

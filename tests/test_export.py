@@ -40,6 +40,7 @@ def test_script_writes_every_file_with_its_hash(art, manifest):
         assert entry["sha256"] == fmt.sha256_file(art.export_dir / name), name
         assert entry["bytes"] == (art.export_dir / name).stat().st_size
     assert "exported" in art.export_log and "int8 step" in art.export_log
+    assert "[export] hardware: " in art.export_log  # the machine, in one line (core.hardware.summary)
     # no partial directory is left next to the export
     assert not [p for p in art.export_dir.parent.iterdir() if ".partial-" in p.name]
 
