@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------------------- inputs
 class InputError(ValueError):
-    """The inputs cannot be read at all (a missing file list, an unknown split): nothing is captioned."""
+    """The inputs cannot be used at all (a missing file list, an unknown split, no --save-dir): nothing is captioned."""
 
 
 def expand_inputs(inputs: Sequence[str | Path], errors: list[str]) -> Iterator[Path]:
@@ -153,6 +153,11 @@ def gather_inputs(args: argparse.Namespace) -> Inputs:
     found.paths = list(expand_inputs(items, found.errors)) + [Path(p) for p in found.references]
     if not found.paths and not found.errors:
         raise InputError("nothing to caption: give image files or directories, --file-list or --data")
+    try:
+        if args.save_dir:
+            args.save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create --save-dir {args.save_dir}: {e.strerror or e}") from e
     return found
 
 
@@ -295,13 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         inputs = gather_inputs(args)
-        if args.save_dir:
-            args.save_dir.mkdir(parents=True, exist_ok=True)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        print(f"error: cannot create --save-dir {args.save_dir}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
         captioner = load_captioner(args)
