@@ -23,7 +23,7 @@ from core.fileio import atomic_write
 from core.model import ModelConfig
 from core.vocab import Vocabulary
 from distributed.config import TrainConfig
-from distributed.env import DistEnv, all_gather_objects, broadcast_object, warn0
+from distributed.env import DistEnv, all_gather_objects, barrier, broadcast_object, warn0
 
 # Settings that may change between a checkpoint and its resume (with a warning); anything in the model config or
 # the vocabulary may not.
@@ -75,6 +75,9 @@ class Checkpointer:
         if self.env.is_main:
             for name in names:
                 atomic_write(self.out / name, self.writer(state))
+        # Every rank may read these files next (the final evaluation loads best.pt): none may read before rank 0
+        # has replaced them, or it would evaluate the previous weights.
+        barrier()
 
     @staticmethod
     def writer(state: dict[str, Any]) -> Callable:

@@ -50,6 +50,9 @@ class TrainConfig:
         "scratch), or the PATH of a torchvision ResNet state_dict",
     )
     fine_tune_encoder: bool = _f(False, "with pretrained weights: also train conv blocks 2-4 of the encoder")
+    init_from: str = _f("", "start from the weights of this checkpoint (ours, or one written by "
+                            "python -m export.import_tutorial): every weight whose shape fits, the word rows mapped "
+                            "onto this run's vocabulary, a fresh optimizer; its encoder counts as pretrained")
     # ------------------------------------------------------------------ optimization
     epochs: int = _f(20, "maximum number of epochs")
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0: no limit)")
@@ -114,13 +117,13 @@ class TrainConfig:
             raise ValueError("--lr-schedule cosine decays to 0 at --max-steps: give --max-steps N")
         if self.hflip and not self.random_crop:
             raise ValueError("--hflip is part of the random-crop augmentation; it needs --random-crop")
-        if self.fine_tune_encoder and self.encoder_weights == "none":
+        if self.fine_tune_encoder and not self.encoder_pretrained:
             raise ValueError("--fine-tune-encoder is for pretrained weights; with --encoder-weights none "
                              "the whole encoder is trained anyway")
 
     @property
     def encoder_pretrained(self) -> bool:
-        return self.encoder_weights != "none"
+        return self.encoder_weights != "none" or bool(self.init_from)
 
     @property
     def train_encoder(self) -> bool:

@@ -22,16 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, image_transform
+from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, apply_skip_list, image_transform, load_flickr8k
+from core.skiplist import SKIP_LIST_NAME, read_skip_list
 from core.vocab import Vocabulary
 from distributed.config import TrainConfig
-from distributed.env import DistEnv
+from distributed.env import DistEnv, print0
 
 
 class Batch(NamedTuple):
@@ -301,3 +303,18 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
     bn = make_train_loader(kind, *common, cfg.seed + 1, 0 if kind == "torch" else workers, cfg.hflip,
                            cfg.random_crop, cfg.channels_last) if cfg.precise_bn and cfg.train_encoder else None
     return Loaders(train=train, val=val, val_table=val_table, bn=bn, kind=kind, workers=workers)
+
+
+def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
+    data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
+                         test_frac=cfg.test_frac)
+    # DALI cannot skip a sample at run time, and ranks that skip differently hang DDP: bad images are left out
+    # here, by the same file on every rank, after the split so that every other image keeps its split.
+    skip_path = Path(cfg.data) / SKIP_LIST_NAME if cfg.skip_list == "auto" else Path(cfg.skip_list)
+    if cfg.skip_list != "none" and (cfg.skip_list != "auto" or skip_path.is_file()):
+        skip = read_skip_list(skip_path, root=cfg.data)
+        data = apply_skip_list(data, skip)
+        if env is not None:
+            print0(env, f"skipping {len(skip.skip)} image(s) listed in {skip_path}")
+    # Deterministic (sorted by frequency, then alphabetically): every rank builds the same vocabulary.
+    return data, data.build_vocab(min_freq=cfg.min_word_freq)

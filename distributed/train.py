@@ -10,8 +10,8 @@ val BLEU-4), metrics.csv, learning_curve.png, test_metrics.json and examples/ (c
 attention maps). ``--resume auto`` (the default) continues from the newest loadable checkpoint in --out at the
 exact batch where it was saved, so ``torchrun --max-restarts=1`` loses at most the work since the last save.
 
-Reads top to bottom: ``main`` -> ``run`` (build data, model, loaders; resume) -> ``fit`` (for each epoch:
-``train_one_epoch``, ``evaluate``, save) -> ``final_evaluation``.
+Reads top to bottom: ``main`` -> ``run`` (data, model, resume, loaders) -> ``fit`` (per epoch: ``train_one_epoch``,
+``validate``, save) -> ``final_evaluation``.
 """
 
 from __future__ import annotations
@@ -35,18 +35,19 @@ from tqdm import tqdm
 
 from core import hardware
 from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint
-from core.data import DataFormatError, DatasetNotFoundError, Flickr8k, apply_skip_list, load_flickr8k
+from core.data import DataFormatError, DatasetNotFoundError, Flickr8k
 from core.fileio import WriteError, atomic_write_text
 from core.images import ImageLoadError
 from core.model import CaptionModel, PretrainedWeightsError, caption_loss, load_pretrained_encoder
-from core.skiplist import SKIP_LIST_NAME, SkipListError, read_skip_list
+from core.skiplist import SkipListError
 from core.vocab import Vocabulary
-from distributed.checkpoint import Checkpointer, check_compatible, restore_scheduler, seed_everything, set_rng_state
+from distributed.checkpoint import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
+                                   seed_everything, set_rng_state)
 from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
     setup_distributed, warn0
 from distributed.evaluate import evaluate, validate
-from distributed.loaders import EvalLoader, Loaders, build_loaders
+from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
 from distributed.optim import build_optimizer, build_scheduler, clip_gradients
 from distributed.report import fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
 
@@ -82,34 +83,19 @@ class Trainee:
     autocast: Any  # torch.autocast(...) or nullcontext()
 
     def checkpoint(self, vocab: Vocabulary, state: TrainState, cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
-        return make_checkpoint(self.model, vocab, optimizer=self.optimizer.state_dict(),
-                               scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(),
-                               epoch=state.epoch, step=state.step, batches_done=state.batches_done,
-                               history=state.history,
-                               train_state={k: v for k, v in asdict(state).items() if k != "history"},
+        train_state = {k: v for k, v in asdict(state).items() if k != "history"}
+        return make_checkpoint(self.model, vocab, optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                               scheduler=self.scheduler.state_dict(), epoch=state.epoch, step=state.step,
+                               batches_done=state.batches_done, history=state.history, train_state=train_state,
                                train_config=cfg.to_dict(), world_size=env.world_size)
 
 
 # ------------------------------------------------------------------------------------------------------ building
-def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
-    data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
-                         test_frac=cfg.test_frac)
-    # DALI cannot skip a sample at run time, and ranks that skip differently hang DDP: bad images are left out
-    # here, by the same file on every rank, after the split so that every other image keeps its split.
-    skip_path = Path(cfg.data) / SKIP_LIST_NAME if cfg.skip_list == "auto" else Path(cfg.skip_list)
-    if cfg.skip_list != "none" and (cfg.skip_list != "auto" or skip_path.is_file()):
-        skip = read_skip_list(skip_path, root=cfg.data)
-        data = apply_skip_list(data, skip)
-        if env is not None:
-            print0(env, f"skipping {len(skip.skip)} image(s) listed in {skip_path}")
-    # Deterministic (sorted by frequency, then alphabetically): every rank builds the same vocabulary.
-    return data, data.build_vocab(min_freq=cfg.min_word_freq)
-
-
 def build_model(cfg: TrainConfig, vocab: Vocabulary) -> CaptionModel:
     model = CaptionModel(replace(cfg.model, vocab_size=len(vocab)))
     if cfg.encoder_pretrained:
-        load_pretrained_encoder(model.encoder, cfg.model.backbone, cfg.encoder_weights)
+        if not cfg.init_from:  # (with --init-from, build_trainee copies the checkpoint's encoder in)
+            load_pretrained_encoder(model.encoder, cfg.model.backbone, cfg.encoder_weights)
         model.encoder.fine_tune(cfg.fine_tune_encoder)  # frozen; with fine-tuning, blocks 2-4 train
     else:
         # A random frozen encoder would give the decoder noise to attend to: train all of it.
@@ -125,6 +111,8 @@ def build_trainee(cfg: TrainConfig, vocab: Vocabulary, env: DistEnv) -> tuple[Tr
         warn0(env, amp.warning)
     seed_everything(cfg.seed)
     model = build_model(cfg, vocab).to(env.device)
+    if cfg.init_from:
+        print0(env, init_weights_from(model, vocab, cfg.init_from))
     if cfg.channels_last:
         model.encoder.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)

@@ -452,3 +452,23 @@ def test_caption_command_with_the_tutorial_search(imported, tutorial_run, tmp_pa
     expected = [" ".join(tutorial_words(caption_image_beam_search(encoder, decoder, tf(load_image(p)), word_map, 3)[0],
                                         word_map)) for p in paths]
     assert got == expected
+
+
+@pytest.mark.slow
+def test_training_fine_tunes_an_imported_checkpoint(imported, run_train, tmp_path):
+    """--init-from takes the imported weights: a mismatched setup names the flags, the right one trains."""
+    out = tmp_path / "run"
+    wrong = run_train(out, "--init-from", str(imported), "--max-steps", "1", "--no-final-eval")
+    assert wrong.returncode == 1 and "--init-from" in wrong.stderr and "--image-size 256" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    flags = ["--backbone", "resnet18", "--encoded-size", str(ENCODED_SIZE), "--image-size", "256",
+             *[f"--{k.replace('_', '-')}={v}" for k, v in DIMS.items()]]
+    ok = run_train(out, "--init-from", str(imported), *flags, "--max-steps", "2", "--no-final-eval",
+                   "--val-max-images", "2", "--batch-size", "2", "--resume", "none")
+    assert ok.returncode == 0, ok.stderr
+    assert "initialized from" in ok.stdout and "mapped by word" in ok.stdout
+    trained = load_checkpoint(out / "last.pt")
+    before = load_checkpoint(imported)["model"]
+    # The encoder counts as pretrained: frozen (no --fine-tune-encoder), so it is the imported one, bit for bit.
+    enc = [k for k in before if k.startswith("encoder.") and before[k].is_floating_point()]
+    assert enc and all(torch.equal(trained["model"][k], before[k]) for k in enc if "running" not in k)
