@@ -213,15 +213,18 @@ class CaptionTable:
         counts = self.counts.tolist()
         return torch.tensor([caption_choice(seed, epoch, i, counts[i]) for i in idx], dtype=torch.int64)
 
-    def sample(self, indices: Tensor | Sequence[int], epoch: int, seed: int) -> tuple[Tensor, Tensor]:
-        """One caption per image: ``(captions int64 [B, T'], lengths int64 [B])``, T' = longest in batch.
+    def sample(self, indices: Tensor | Sequence[int], epoch: int, seed: int, k: int = 1) -> tuple[Tensor, Tensor]:
+        """``k`` captions per image: ``(captions int64 [B*k, T'], lengths int64 [B*k])``, image-major, T' = longest.
 
-        Returned on the CPU whatever the device of ``indices``.
+        The first is the epoch's choice (:meth:`choices`), the others the image's next captions in order,
+        wrapping around when it has fewer than ``k``. Returned on the CPU whatever the device of ``indices``.
         """
         idx = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).cpu()
-        slot = self.choices(idx, epoch, seed)
-        lengths = self.lengths[idx, slot]  # (B,)
-        captions = self.tokens[idx, slot, : int(lengths.max())]  # (B, T')
+        start = self.choices(idx, epoch, seed)  # (B,)
+        slots = (start[:, None] + torch.arange(k)[None, :]) % self.counts[idx][:, None]  # (B, k)
+        rows = idx[:, None].expand(-1, k)
+        lengths = self.lengths[rows, slots].reshape(-1)  # (B*k,)
+        captions = self.tokens[rows, slots, : int(lengths.max())].reshape(lengths.shape[0], -1)  # (B*k, T')
         return captions.contiguous(), lengths
 
     def references(self, i: int) -> list[list[str]]:

@@ -288,7 +288,14 @@ class CaptionModel(nn.Module):
         )
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        return self.decoder(self.encoder(images), captions, lengths)
+        """images (B,3,S,S); captions (B*k,T), lengths (B*k,): k captions per image, image-major."""
+        features = self.encoder(images)  # (B, S', S', C)
+        k, rest = divmod(captions.shape[0], images.shape[0])
+        if rest or k < 1:
+            raise ValueError(f"expected k captions per image ({images.shape[0]} images), got {captions.shape[0]}")
+        if k > 1:  # the encoder runs once per image; each of its captions is decoded on the same features
+            features = features.repeat_interleave(k, dim=0)
+        return self.decoder(features, captions, lengths)
 
     def encode(self, images: Tensor) -> Encoded:
         # Contiguous once here, so that no backend copies the permuted features at every step.

@@ -95,13 +95,14 @@ class TrainLoader:
 
     def __init__(self, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
                  seed: int, workers: int, hflip: bool = False, split: str = "train", random_crop: bool = True,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, captions_per_image: int = 1) -> None:
         self.names = data.splits[split]
         self.images_dir = data.images_dir
         self.paths = [str(data.image_path(n)) for n in self.names]
         self.table, self.image_size, self.batch_size = table, image_size, batch_size
         self.env, self.seed, self.workers, self.hflip = env, seed, workers, hflip
         self.random_crop, self.channels_last = random_crop, channels_last
+        self.captions_per_image = captions_per_image
         self.samples_per_rank = math.ceil(len(self.names) / env.world_size)
 
     @property
@@ -112,7 +113,7 @@ class TrainLoader:
         return train_indices(len(self.names), self.env, epoch, self.seed)[start_batch * self.batch_size:]
 
     def _batch(self, images: Tensor, indices: Tensor, epoch: int) -> Batch:
-        captions, lengths = self.table.sample(indices, epoch=epoch, seed=self.seed)
+        captions, lengths = self.table.sample(indices, epoch=epoch, seed=self.seed, k=self.captions_per_image)
         dev = self.env.device
         images = _to_device(images, dev)
         if self.channels_last:
@@ -251,11 +252,11 @@ class EvalLoader:
 
 def make_train_loader(kind: str, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int,
                       env: DistEnv, seed: int, workers: int, hflip: bool = False, random_crop: bool = True,
-                      channels_last: bool = False) -> TrainLoader:
+                      channels_last: bool = False, captions_per_image: int = 1) -> TrainLoader:
     """``random_crop=False`` trains on the eval transform (resize only); ``channels_last`` converts the images."""
     cls = {"torch": TorchTrainLoader, "dali": DaliTrainLoader}[kind]
     return cls(data, table, image_size, batch_size, env, seed, workers, hflip, random_crop=random_crop,
-               channels_last=channels_last)
+               channels_last=channels_last, captions_per_image=captions_per_image)
 
 
 def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool = False) -> int:
@@ -297,7 +298,8 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
     train_table = data.caption_table("train", vocab, max_len=cfg.max_caption_len)
     val_table = data.caption_table("val", vocab, max_len=cfg.max_caption_len)
     common = (data, train_table, cfg.model.image_size, cfg.batch_size, env)
-    train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last)
+    train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last,
+                              cfg.captions_per_image)
     val = EvalLoader(data, val_table, cfg.model.image_size, cfg.eval_batch_size, env, kind, workers, "val",
                      cfg.val_max_images)
     bn = make_train_loader(kind, *common, cfg.seed + 1, 0 if kind == "torch" else workers, cfg.hflip,
