@@ -75,7 +75,7 @@ demo() {
     t2=$(date +%s.%N)
     "$PY" export/to_onnx.py --checkpoint "$dir/run/best.pt" --out "$dir/exported"
     t3=$(date +%s.%N)
-    "$PY" -m export.caption --model "$dir/exported" --backend ort --beam 3 --split test --limit 8 \
+    "$PY" -m export.caption --model "$dir/exported" --backend ort --beam-size 3 --split test --limit 8 \
         --data "$dir/data" --save-dir "$dir/captioned_images"
     t4=$(date +%s.%N)
     awk -v a="$t0" -v b="$t1" -v c="$t2" -v d="$t3" -v e="$t4" 'BEGIN {

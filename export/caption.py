@@ -1,6 +1,6 @@
 """Caption image files with an exported model (ONNX Runtime, TorchScript or eager PyTorch).
 
-    python -m export.caption IMG [IMG|DIR ...] --model exported/ --backend ort --beam 5 [--json] [--save-dir DIR]
+    python -m export.caption IMG [IMG|DIR ...] --model exported/ --backend ort --beam-size 5 [--json] [--save-dir DIR]
     python -m export.caption --data DATA_DIR --split test --limit 8 --model exported/     # held-out dataset images
     python -m export.caption --file-list files.txt --model runs/x/best.pt --backend eager
     python -m export.caption IMG --model tutorial.pt --backend eager --search tutorial  # the tutorial's captions
@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from core import hardware
+from core.cli import add_deprecated_alias
 from core.images import IMAGE_EXTENSIONS
 from core.logs import add_verbosity_args, get_logger, setup_logging
 
@@ -55,12 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("inputs", nargs="*", help="image files or directories of images")
-    p.add_argument("--model", type=Path, default=Path("exported"),
+    p.add_argument("--model", "--checkpoint", dest="model", type=Path, default=Path("exported"),
                    help="export directory (default exported/); for --backend eager also a checkpoint .pt")
     p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default="ort", help="runtime (default ort)")
-    p.add_argument("--beam", type=positive_int, default=5, help="beam size; 1 is greedy (default 5)")
-    p.add_argument("--max-len", type=positive_int, default=None,
-                   help="maximum caption length (default: the model's recorded one, else 20)")
+    p.add_argument("--beam-size", type=positive_int, default=5, help="beam size; 1 is greedy (default 5)")
+    p.add_argument("--max-decode-len", type=positive_int, default=None,
+                   help="longest generated caption in words (default: the model's recorded one, else 20)")
+    add_deprecated_alias(p, "--beam", "--beam-size", type=positive_int)
+    add_deprecated_alias(p, "--max-len", "--max-decode-len", type=positive_int)
     p.add_argument("--length-norm", type=float, default=0.0, help="rank by score / length**a (default 0: raw sum)")
     p.add_argument("--search", choices=["default", "tutorial"], default="default",
                    help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
@@ -169,7 +172,7 @@ def load_captioner(args: argparse.Namespace):
     device = None if args.device == "auto" else args.device
     backend = load_backend(args.backend, args.model, threads=args.threads, int8=args.int8, fp16=args.fp16,
                            device=device, verify=not args.no_verify)
-    return Captioner(backend, beam_size=args.beam, max_len=args.max_len, length_norm=args.length_norm,
+    return Captioner(backend, beam_size=args.beam_size, max_len=args.max_decode_len, length_norm=args.length_norm,
                      search=args.search)
 
 
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    log.info("%s, beam %d (%s search), max_len %d; %s", captioner.backend.describe(), args.beam, args.search,
+    log.info("%s, beam %d (%s search), max_len %d; %s", captioner.backend.describe(), args.beam_size, args.search,
              captioner.max_len, path_reason(args.backend, args.device))
     for e in inputs.errors:
         print(f"error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     python export/to_onnx.py --checkpoint runs/x/best.pt --out exported/ [--quantize int8] [--fp16] [--torchscript]
 
-Defaults: the newest runs/**/best.pt, out ``exported/``, ``--max-len`` the checkpoint's recorded caption length
+Defaults: the newest runs/**/best.pt, out ``exported/``, ``--max-decode-len`` the checkpoint's recorded caption length
 (else 20). Writes (see export/manifest.py for the format)::
 
     encoder.onnx        images [N,3,S,S] -> enc_out [N,P,C], enc_att [N,P,A], h [N,D], c [N,D]
@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from core import hardware
+from core.cli import add_deprecated_alias
 from core.logs import add_verbosity_args, setup_logging
 from core.model import CaptionModel
 from core.vocab import Vocabulary
@@ -205,7 +206,7 @@ def newest_checkpoint(root: Path = Path("runs")) -> Path:
 
 
 def caption_max_len(requested: int | None, state: dict[str, Any]) -> int:
-    """--max-len, else the length the checkpoint records (an imported tutorial model: 51), else the default."""
+    """--max-decode-len, else the length the checkpoint records (an imported tutorial model: 51), else the default."""
     return requested or (state.get("decode") or {}).get("max_len", fmt.DEFAULT_MAX_LEN)
 
 
@@ -230,7 +231,8 @@ def _calibration(data_dir: Path, split: str, image_size: int, limit: int):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python export/to_onnx.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint .pt (default: newest runs/**/best.pt)")
+    p.add_argument("--checkpoint", "--model", dest="checkpoint", type=Path, default=None,
+                   help="checkpoint .pt (default: newest runs/**/best.pt)")
     p.add_argument("--out", type=Path, default=Path("exported"), help="export directory (default: exported/)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     p.add_argument("--quantize", choices=["int8"], default=None, help="also write an int8 dynamic-quantized decoder step")
@@ -238,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torchscript", action=argparse.BooleanOptionalAction, default=False,
                    help="also write TorchScript traces (default off: they triple the size, and are deprecated upstream)")
     p.add_argument("--no-safetensors", action="store_true", help="skip model.safetensors (eager backend weights)")
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-decode-len", type=int, default=None,
                    help=f"caption length recorded in the manifest (default: the checkpoint's, else {fmt.DEFAULT_MAX_LEN})")
-    p.add_argument("--beam", type=int, default=5, help="default beam size recorded (and used for int8 agreement)")
+    p.add_argument("--beam-size", type=int, default=5, help="default beam size recorded (and used for int8 agreement)")
+    add_deprecated_alias(p, "--beam", "--beam-size", type=int)
+    add_deprecated_alias(p, "--max-len", "--max-decode-len", type=int)
     p.add_argument("--calib-data", type=Path, default=None, help="Flickr8k-layout dataset for the int8/fp16 caption check")
     p.add_argument("--split", default="test", help="split of --calib-data (default test)")
     p.add_argument("--calib-images", type=int, default=32, help="number of images for the int8/fp16 caption check")
@@ -257,14 +261,14 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     log.info("checkpoint %s", ckpt)
     state = load_checkpoint(ckpt)
     model, vocab = model_from_checkpoint(state, ckpt)
-    max_len = caption_max_len(args.max_len, state)
+    max_len = caption_max_len(args.max_decode_len, state)
     calib, refs = None, None
     if args.calib_data:
         calib, refs = _calibration(args.calib_data, args.split, model.cfg.image_size, args.calib_images)
     source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": fmt.sha256_file(ckpt)}
     return export_model(model, vocab, args.out, opset=args.opset, quantize=args.quantize, fp16=args.fp16,
                         torchscript=args.torchscript, safetensors=not args.no_safetensors, max_len=max_len,
-                        beam_size=args.beam, calib_images=calib, calib_references=refs, num_calib=args.calib_images,
+                        beam_size=args.beam_size, calib_images=calib, calib_references=refs, num_calib=args.calib_images,
                         source=source, seed=args.seed)
 
 

@@ -66,7 +66,7 @@ def make_folder(work: Path, n: int, size: int) -> Path:
 def peak_rss_mb(folder: Path, export_dir: Path, batch_size: int) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of captioning every image of ``folder`` in a fresh process."""
     cmd = [sys.executable, "-m", "export.caption", str(folder), "--model", str(export_dir), "--backend", "ort",
-           "--beam", "1", "--max-len", "6", "--batch-size", str(batch_size), "--threads", "1"]
+           "--beam-size", "1", "--max-decode-len", "6", "--batch-size", str(batch_size), "--threads", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)

@@ -29,7 +29,7 @@ def test_cli_end_to_end_json_bad_file_dataset_figures(art, tmp_path):
     images = art.image_paths[:2]
     figs = tmp_path / "figs"
     proc = run_cli(images[0], bad, images[1], "--data", art.data_dir, "--split", "test", "--limit", "2",
-                   "--model", art.export_dir, "--backend", "ort", "--beam", "3", "--json", "--threads", "1",
+                   "--model", art.export_dir, "--backend", "ort", "--beam-size", "3", "--json", "--threads", "1",
                    "--save-dir", figs, "--batch-size", "2")
     assert proc.returncode == 1, proc.stderr  # one file failed
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -53,7 +53,7 @@ def test_cli_in_process_backends_agree_and_file_list(art, tmp_path, capsys):
     outputs = {}
     for backend, model in (("ort", art.export_dir), ("torchscript", art.export_dir), ("eager", art.checkpoint),
                            ("eager", art.export_dir)):
-        rc = caption.main(["--file-list", str(listing), "--model", str(model), "--backend", backend, "--beam", "3",
+        rc = caption.main(["--file-list", str(listing), "--model", str(model), "--backend", backend, "--beam-size", "3",
                            "--batch-size", "2", "--threads", "1"])
         assert rc == 0
         outputs[(backend, str(model))] = capsys.readouterr().out
@@ -63,7 +63,7 @@ def test_cli_in_process_backends_agree_and_file_list(art, tmp_path, capsys):
 
 
 def test_cli_directory_input_progress_lines_and_empty_directory(art, tmp_path, capsys):
-    rc = caption.main([str(art.image_paths[0].parent), "--model", str(art.export_dir), "--beam", "1",
+    rc = caption.main([str(art.image_paths[0].parent), "--model", str(art.export_dir), "--beam-size", "1",
                        "--batch-size", "16", "--threads", "1", "--progress-every", "15"])
     out, err = capsys.readouterr()
     assert rc == 0 and len(out.splitlines()) == 40
@@ -73,7 +73,7 @@ def test_cli_directory_input_progress_lines_and_empty_directory(art, tmp_path, c
     assert "\r" not in err
     empty = tmp_path / "empty"
     empty.mkdir()
-    rc = caption.main([str(empty), str(art.image_paths[0]), "--model", str(art.export_dir), "--beam", "1"])
+    rc = caption.main([str(empty), str(art.image_paths[0]), "--model", str(art.export_dir), "--beam-size", "1"])
     out, err = capsys.readouterr()
     assert rc == 1 and len(out.splitlines()) == 1 and f"{empty}: directory holds no image files" in err
 
@@ -95,9 +95,9 @@ def test_beam_0_is_refused_by_argument_parsing_before_any_model_loads(monkeypatc
 
     monkeypatch.setattr(caption, "load_captioner", no_model)
     with pytest.raises(SystemExit) as e:
-        caption.main(["a.jpg", "--beam", "0"])
+        caption.main(["a.jpg", "--beam-size", "0"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--beam" in err and "must be 1 or more, got 0" in err
+    assert e.value.code == 2 and "--beam-size" in err and "must be 1 or more, got 0" in err
 
 
 def test_a_checkpoint_with_the_onnx_backend_says_what_to_do(art, capsys):
@@ -113,7 +113,7 @@ def test_urls_are_refused_by_name_and_the_rest_is_captioned(art, tmp_path, capsy
     listing = tmp_path / "files.txt"
     listing.write_text(f"{url}\n")
     rc = caption.main([url, str(art.image_paths[0]), "--file-list", str(listing), "--model", str(art.export_dir),
-                       "--beam", "1", "--threads", "1"])
+                       "--beam-size", "1", "--threads", "1"])
     out, err = capsys.readouterr()
     assert rc == 1 and len(out.splitlines()) == 1
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -135,3 +135,13 @@ def test_cli_model_errors_exit_2_with_a_clear_message(art, tmp_path, capsys):
     assert rc == 2 and "ONNX only" in capsys.readouterr().err
     rc = caption.main(["--model", str(art.export_dir)])
     assert rc == 2 and "nothing to caption" in capsys.readouterr().err
+
+
+def test_one_flag_name_per_concept_with_the_old_names_still_accepted(capsys):
+    from export.to_onnx import build_parser as export_parser
+
+    args = caption.build_parser().parse_args(["a.jpg", "--beam", "4", "--max-len", "9", "--checkpoint", "m.pt"])
+    assert (args.beam_size, args.max_decode_len, str(args.model)) == (4, 9, "m.pt")
+    assert "--beam is deprecated, use --beam-size" in capsys.readouterr().err
+    args = export_parser().parse_args(["--model", "m.pt", "--beam-size", "2", "--max-decode-len", "7"])
+    assert (str(args.checkpoint), args.beam_size, args.max_decode_len) == ("m.pt", 2, 7)

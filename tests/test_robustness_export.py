@@ -285,8 +285,8 @@ def test_caption_command_on_a_folder_with_mixed_content(exported, tmp_path):
     (d / ".hidden.jpg").write_bytes(corpus.text_named_jpg())
     (d / "subdir").mkdir()
     (d / "subdir" / "nested.jpg").write_bytes(corpus.jpeg())
-    proc = run_caption(str(d), str(tmp_path / "does_not_exist.jpg"), "--model", str(exported[0]), "--beam", "2",
-                       "--max-len", "5", "--batch-size", "4")
+    proc = run_caption(str(d), str(tmp_path / "does_not_exist.jpg"), "--model", str(exported[0]), "--beam-size", "2",
+                       "--max-decode-len", "5", "--batch-size", "4")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     captioned = {Path(line.split("\t")[0]).name for line in proc.stdout.splitlines()}
@@ -304,7 +304,7 @@ def test_caption_command_with_an_unwritable_save_dir_is_a_clear_error(exported, 
     img.write_bytes(corpus.jpeg())
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    proc = run_caption(str(img), "--model", str(exported[0]), "--beam", "1", "--save-dir", str(blocker / "figs"))
+    proc = run_caption(str(img), "--model", str(exported[0]), "--beam-size", "1", "--save-dir", str(blocker / "figs"))
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "a_file" in proc.stderr

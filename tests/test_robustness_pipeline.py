@@ -197,7 +197,7 @@ def test_demo_pipeline_runs_offline_and_never_touches_the_network(tmp_path):
         [str(TRAIN), "--data", str(data), "--out", str(runs), *TINY_TRAIN, "--max-steps", "2"],
         [str(ROOT / "export" / "to_onnx.py"), "--checkpoint", str(runs / "best.pt"), "--out", str(exported),
          "--no-torchscript", "--calib-images", "2", "--threads", "1"],
-        ["-m", "export.caption", "--model", str(exported), "--backend", "ort", "--beam", "2", "--split", "test",
+        ["-m", "export.caption", "--model", str(exported), "--backend", "ort", "--beam-size", "2", "--split", "test",
          "--limit", "2", "--data", str(data), "--save-dir", str(tmp_path / "captioned"), "--threads", "1"],
     ]
     for args in steps:

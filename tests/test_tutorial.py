@@ -302,7 +302,7 @@ def test_tutorial_search_reproduces_the_tutorial_captions(encoded_both_ways, tut
 def test_round_trip_import_export_runtimes_equal_the_tutorial(imported, tutorial_run, held_out_images, tmp_path):
     """tutorial checkpoint -> import -> export/to_onnx.py -> ORT == TorchScript == eager == the tutorial's search.
 
-    The export is given no --max-len: the manifest takes the imported checkpoint's (51)."""
+    The export is given no --max-decode-len: the manifest takes the imported checkpoint's (51)."""
     from export import to_onnx
     from export.runtime import Captioner, load_backend
 
@@ -444,7 +444,7 @@ def test_caption_command_with_the_tutorial_search(imported, tutorial_run, tmp_pa
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) // (i + 1)).save(paths[-1])
     assert caption_main([*map(str, paths), "--model", str(imported), "--backend", "eager", "--search", "tutorial",
-                         "--beam", "3", "--json"]) == 0
+                         "--beam-size", "3", "--json"]) == 0
     out, err = capsys.readouterr()
     assert "beam 3 (tutorial search), max_len 51" in err
     got = [json.loads(line)["caption"] for line in out.splitlines()]

@@ -244,7 +244,7 @@ def check_export(ctx: Ctx) -> str:
     ckpt, data = ctx.need("train.checkpoint", "train"), ctx.need("data", "data")
     out = ctx.work / "exported"
     ctx.run("export", [sys.executable, "export/to_onnx.py", "--checkpoint", str(ckpt), "--out", str(out), "--fp16",
-                       "--calib-data", str(data), "--calib-images", "16", "--beam", "3"], cap_s=150)
+                       "--calib-data", str(data), "--calib-images", "16", "--beam-size", "3"], cap_s=150)
     manifest = json.loads((out / "manifest.json").read_text())
     fp16 = manifest.get("fp16") or {}
     if "skipped" in fp16 or not fp16:
