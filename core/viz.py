@@ -187,10 +187,47 @@ def save_attention_figure(
     is the attention used to emit ``words[t]`` (pass ``"<end>"`` as the last word if the decoder's alphas
     include the end step). The image is resized to ``size x size`` as the encoder sees it; each map is
     resized bilinearly from ``grid x grid`` to the same size and drawn with ``cmap`` at ``overlay_alpha``.
-    With ``show_image`` the first panel is the image alone. Panels are laid out ``columns`` per row.
+    With ``show_image`` the first panel is the image alone ("input"). Every map shares one colour scale, from 0 to
+    the largest weight, shown by a colour bar. Panels are laid out ``columns`` per row.
     """
     words = list(words)
     a = _to_numpy(alphas)
+    _check_attention_args(words, a, grid, columns)
+    img = np.asarray(_load_rgb(image).resize((size, size), Image.Resampling.BICUBIC))
+    panels = len(words) + int(show_image)
+    if panels == 0:
+        raise ValueError("nothing to draw: no words and show_image=False")
+    ncols = min(columns, panels)
+    nrows = math.ceil(panels / ncols)
+    fig = _new_figure((panel_in * ncols, panel_in * nrows + 0.1), dpi)
+
+    fig.set_layout_engine("constrained")
+
+    def panel(i: int, title: str):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(img)
+        ax.set_title(title, fontsize=11)
+        ax.set_axis_off()
+        return ax
+
+    if show_image:
+        panel(0, "input")
+    # One scale for every word (0 to the largest weight), so that panels compare and the colour bar reads true.
+    top = float(a.max()) if a.size else 1.0
+    axes, shown = [], None
+    for t, word in enumerate(words):
+        ax = panel(t + int(show_image), word)
+        amap = Image.fromarray(np.ascontiguousarray(a[t].reshape(grid, grid)))  # mode "F"
+        amap = amap.resize((size, size), Image.Resampling.BILINEAR)
+        shown = ax.imshow(np.asarray(amap), cmap=cmap, alpha=overlay_alpha, vmin=0.0, vmax=max(top, 1e-6),
+                          extent=(-0.5, size - 0.5, size - 0.5, -0.5))
+        axes.append(ax)
+    if shown is not None:
+        fig.colorbar(shown, ax=axes, shrink=0.8, label="attention weight")
+    return _save_atomic(fig, path)
+
+
+def _check_attention_args(words: list[str], a: np.ndarray, grid: Any, columns: int) -> None:
     if isinstance(grid, bool) or not isinstance(grid, (int, np.integer)) or grid < 1:
         raise ValueError(f"grid must be a positive int, got {grid!r}")
     if a.ndim != 2:
@@ -204,28 +241,3 @@ def save_attention_figure(
         raise ValueError(f"alphas has P={a.shape[1]} positions but grid={grid} gives grid*grid={grid * grid}")
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
-
-    img = np.asarray(_load_rgb(image).resize((size, size), Image.Resampling.BICUBIC))
-    panels = len(words) + int(show_image)
-    if panels == 0:
-        raise ValueError("nothing to draw: no words and show_image=False")
-    ncols = min(columns, panels)
-    nrows = math.ceil(panels / ncols)
-    fig = _new_figure((panel_in * ncols, panel_in * nrows + 0.1), dpi)
-
-    def panel(i: int, title: str):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ax.imshow(img)
-        ax.set_title(title, fontsize=11)
-        ax.set_axis_off()
-        return ax
-
-    if show_image:
-        panel(0, "")
-    for t, word in enumerate(words):
-        ax = panel(t + int(show_image), word)
-        amap = Image.fromarray(np.ascontiguousarray(a[t].reshape(grid, grid)))  # mode "F"
-        amap = amap.resize((size, size), Image.Resampling.BILINEAR)
-        ax.imshow(np.asarray(amap), cmap=cmap, alpha=overlay_alpha, extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-    fig.tight_layout(pad=0.3)
-    return _save_atomic(fig, path)
