@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from core.fileio import atomic_write, atomic_write_text
+from core.fileio import atomic_write, atomic_write_text, load_weights_only
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
 
@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = load_weights_only(path, map_location=map_location)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects beyond tensors and plain values "

@@ -31,9 +31,7 @@ from torch.utils.data import Dataset
 from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, parse_token_file
 from core.cli import add_deprecated_alias
 from core.datacheck import add_check_command
-from core.images import image_transform, load_image
-# export/runtime.py imports these four from here.
-from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, to_rgb  # noqa: F401
+from core.images import load_image
 from core.skiplist import SkipList
 from core.splits import SPLIT_NAMES, Splits, load_karpathy_json, make_splits
 from core.vocab import Vocabulary, tokenize

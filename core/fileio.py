@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or a full disk leaves either the old file or the new one, never a torn one."""
+"""Atomic file writes (a crash or a full disk leaves either the old file or the new one, never a torn one), and
+the one way tensors files are read (``load_weights_only``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+
+# torch.load(weights_only=True) has known bypasses before these releases (CVE-2025-32434 below 2.6,
+# CVE-2026-24747 below 2.10): with an older torch no file is read, whatever it holds.
+SAFE_TORCH = (2, 10)
+
+
+def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)`` on a torch release without known bypasses of that mode."""
+    import torch
+
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    if version < SAFE_TORCH:
+        raise RuntimeError(f"refusing to read {path}: torch {torch.__version__} has known bypasses of "
+                           f"weights_only loading (CVE-2025-32434, CVE-2026-24747); install torch >= "
+                           f"{SAFE_TORCH[0]}.{SAFE_TORCH[1]}")
+    return torch.load(path, weights_only=True, **kwargs)
 
 
 class WriteError(RuntimeError):

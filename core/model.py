@@ -28,6 +28,7 @@ import torchvision
 from torch import Tensor, nn
 
 from core.decode import Encoded
+from core.fileio import load_weights_only
 
 # Channels of the last conv block: the bottleneck ResNets end in 2048, the basic-block ones in 512.
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
@@ -133,7 +134,7 @@ def load_pretrained_encoder(encoder: Encoder, backbone: str, source: str) -> Non
         if not path.is_file():
             raise PretrainedWeightsError(f"encoder weights file not found: {path}")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path, map_location="cpu")
         except Exception as e:
             raise PretrainedWeightsError(f"could not read encoder weights {path}: {e}") from e
     # A torchvision state_dict is keyed conv1/bn1/layer1..4/fc; our Sequential is keyed 0..7.

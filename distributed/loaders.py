@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, apply_skip_list, image_transform, load_flickr8k
+from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, apply_skip_list, load_flickr8k
+from core.images import image_transform
 from core.skiplist import SKIP_LIST_NAME, read_skip_list
 from core.vocab import Vocabulary
 from distributed.config import TrainConfig

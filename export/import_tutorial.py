@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import CheckpointError, load_model_weights, make_checkpoint, save_checkpoint
-from core.fileio import read_json
+from core.fileio import load_weights_only, read_json
 from core.model import BACKBONE_CHANNELS, CaptionModel, ModelConfig
 from core.vocab import SPECIALS, Vocabulary
 from export.manifest import sha256_file
@@ -109,7 +109,7 @@ def read_tutorial_checkpoint(path: Path) -> dict[str, Any]:
         raise TutorialImportError(f"tutorial checkpoint not found: {path}")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = load_weights_only(path, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise TutorialImportError(f"refusing to import {path}: {_refusal(str(e))}; nothing in it was run") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:

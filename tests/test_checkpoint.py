@@ -114,3 +114,14 @@ def test_safetensors_round_trip(tmp_path, trained):
     (tmp_path / "weights" / "model.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="model.json"):
         load_safetensors(tmp_path / "weights")
+
+
+def test_tensor_files_are_not_read_with_a_torch_that_has_weights_only_bypasses(tmp_path, monkeypatch):
+    from core import fileio
+
+    path = tmp_path / "x.pt"
+    torch.save({"a": torch.zeros(1)}, path)
+    assert fileio.load_weights_only(path)["a"].shape == (1,)
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
+    with pytest.raises(RuntimeError, match="known bypasses.*torch >= 2.10"):
+        fileio.load_weights_only(path)

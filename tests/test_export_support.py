@@ -41,7 +41,8 @@ _CACHE: dict[str, Artifacts] = {}
 
 def _calibrate_and_train(data_dir: Path, steps: int = 60):
     from core.checkpoint import make_checkpoint
-    from core.data import image_transform, load_flickr8k, load_image
+    from core.data import load_flickr8k
+    from core.images import image_transform, load_image
     from core.model import CaptionModel, ModelConfig, caption_loss
 
     data = load_flickr8k(data_dir)  # the default split, as the CLIs use it: 32 train, 4 val, 4 test
@@ -82,7 +83,7 @@ def artifacts(tmp_path_factory) -> Artifacts:
     if "a" in _CACHE:
         return _CACHE["a"]
     from core.checkpoint import save_checkpoint
-    from core.data import image_transform, load_image
+    from core.images import image_transform, load_image
     from core.synthetic import generate
 
     torch.set_num_threads(1)  # spinning OpenMP threads on shared cores cost 5x in wall time

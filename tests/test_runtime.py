@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_export_support import artifacts, copy_export
 
-from core.data import image_transform, load_image
+from core.images import image_transform, load_image
 from export import manifest as fmt
 from export.runtime import (
     Captioner,
