@@ -242,7 +242,7 @@ def test_export_model_rejects_a_mismatched_vocabulary(art, tmp_path):
 
 
 def test_max_len_defaults_to_the_checkpoints_recorded_length():
-    assert to_onnx.build_parser().parse_args([]).max_len is None
+    assert to_onnx.build_parser().parse_args([]).max_decode_len is None
     assert to_onnx.caption_max_len(None, {"decode": {"max_len": 51}}) == 51  # e.g. an imported tutorial model
     assert to_onnx.caption_max_len(None, {}) == fmt.DEFAULT_MAX_LEN == 20
     assert to_onnx.caption_max_len(7, {"decode": {"max_len": 51}}) == 7
