@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from core.logs import add_verbosity_args
 from core.model import ModelConfig
 
 
@@ -268,6 +269,7 @@ def build_parser(prog: str | None = None, description: str | None = None) -> arg
                                                             for dest, value in flat_defaults(preset).items())
                                     for name, preset in PRESETS.items()))
     add_dataclass_args(parser, TrainConfig)
+    add_verbosity_args(parser)
     return parser
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -22,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 from core.hardware import cpu_cores
+from core.logs import get_logger
+
+LOG = get_logger("train")
 
 
 @dataclass(frozen=True)
@@ -85,15 +87,15 @@ def _restart_safe_store(rank: int, world_size: int, timeout: timedelta) -> dict[
     return {"store": PrefixStore(f"sat_restart_{restart}", store), "rank": rank, "world_size": world_size}
 
 
-def print0(env: DistEnv, *args: Any, **kwargs: Any) -> None:
-    """print() on rank 0 only, flushed (torchrun interleaves the ranks' output)."""
+def print0(env: DistEnv, message: str) -> None:
+    """An info line of the run, from rank 0 only (the ranks share one story)."""
     if env.is_main:
-        print(*args, **kwargs, flush=True)
+        LOG.info(message)
 
 
 def warn0(env: DistEnv, message: str) -> None:
     if env.is_main:
-        print(f"warning: {message}", file=sys.stderr, flush=True)
+        LOG.warning(f"warning: {message}")
 
 
 def barrier() -> None:

@@ -38,6 +38,7 @@ from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint
 from core.data import DataFormatError, DatasetNotFoundError, Flickr8k
 from core.fileio import WriteError, atomic_write_text
 from core.images import ImageLoadError
+from core.logs import setup_logging, verbosity_from
 from core.model import CaptionModel, PretrainedWeightsError, caption_loss, load_pretrained_encoder
 from core.skiplist import SkipListError
 from core.vocab import Vocabulary
@@ -364,19 +365,25 @@ def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="distributed/train.py", description=__doc__)
     env = setup_distributed(threads=cfg.threads)
+    log = setup_logging("train", verbosity_from(argv), env.rank, env.world_size, info_stream=sys.stdout)
     code = 0
     try:
         run(cfg, env)
-    except (DatasetNotFoundError, DataFormatError) as e:
-        print0(env, f"error: {e}\nno dataset yet? `./launch.sh demo` generates a synthetic one in the Flickr8k "
-                    f"layout and trains on it.", file=sys.stderr)
+    except (DatasetNotFoundError, DataFormatError) as e:  # the same on every rank: said once, by rank 0
+        if env.is_main:
+            log.error(f"error: {e}\nno dataset yet? `./launch.sh demo` generates a synthetic one in the Flickr8k "
+                      f"layout and trains on it.")
         code = 2
-    except (ImageLoadError, SkipListError) as e:
-        print(f"error (rank {env.rank}): {e}\nrun `python -m core.data check {cfg.data}`: it lists every bad file and "
-              f"writes the skip list that training reads", file=sys.stderr, flush=True)
+    except (ImageLoadError, SkipListError) as e:  # may concern one rank's images only: said by that rank
+        log.error(f"error: {e}\nrun `python -m core.data check {cfg.data}`: it lists every bad file and writes the "
+                  f"skip list that training reads")
         code = 2
-    except (TrainingError, CheckpointError, PretrainedWeightsError, WriteError) as e:
-        print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
+    except (TrainingError, CheckpointError, PretrainedWeightsError) as e:  # every rank holds the same state
+        if env.is_main:
+            log.error(f"error: {e}")
+        code = 1
+    except WriteError as e:
+        log.error(f"error: {e}")
         code = 1
     # Leaving the except blocks released the traceback, and with it run()'s frame (the DDP model, the optimizer).
     cleanup(barrier=code == 0)  # after an error the other ranks may never reach a barrier

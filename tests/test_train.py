@@ -4,6 +4,7 @@ compatibility, bit-exact resume, NaN stop, a crash while writing a checkpoint. t
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 from contextlib import nullcontext
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.logs import setup_logging
 from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint
 from core.model import ModelConfig
 from distributed.config import PRESETS, TrainConfig, add_dataclass_args, parse_config
@@ -126,6 +128,7 @@ def test_a_flat_config_of_older_runs_still_reads():
 # ------------------------------------------------------------------------------------------------ in-process loop
 def test_train_one_epoch_and_evaluate_in_process(synthetic_data, one_thread, capsys):
     cfg = tiny_cfg(synthetic_data, "--max-steps", "2", "--amp", "bf16", "--log-every", "1")
+    setup_logging("train", info_stream=sys.stdout)  # as main() does: info lines on stdout, problems on stderr
     data, vocab = load_data(cfg)
     torch.manual_seed(0)
     model = build_model(cfg, vocab)
