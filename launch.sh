@@ -64,8 +64,8 @@ demo() {
     local dir="${DEMO_DIR:-runs/demo}"
     local nproc="${NPROC:-2}"
     local t0 t1 t2 t3 t4
-    echo "[demo] hardware: $("$PY" -c 'from core import hardware; print(hardware.summary())')" >&2
     t0=$(date +%s.%N)
+    echo "[demo] hardware: $("$PY" -c 'from core import hardware; print(hardware.summary())')" >&2
     if [[ ! -f "$dir/data/Flickr8k.token.txt" ]]; then
         "$PY" -m core.synthetic "$dir/data" --images 6000 --seed 1
     fi

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from core.fileio import atomic_write, atomic_write_text, load_weights_only
+
+from core.fileio import UnsafeTorchError, atomic_write, atomic_write_text, load_weights_only
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
 
@@ -44,6 +45,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: it holds pickled objects beyond tensors and plain values "
             f"(possibly code that would run on load). Only weights_only checkpoints are accepted. ({e})"
         ) from e
+    except UnsafeTorchError as e:  # the file may be fine: the torch release is not
+        raise CheckpointError(str(e)) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:

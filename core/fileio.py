@@ -1,5 +1,5 @@
 """Atomic file writes (a crash or a full disk leaves either the old file or the new one, never a torn one), and
-the one way tensors files are read (``load_weights_only``)."""
+the one way tensor files are read (``load_weights_only``)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ from typing import Any, BinaryIO, Callable
 SAFE_TORCH = (2, 10)
 
 
+class UnsafeTorchError(RuntimeError):
+    """This torch release cannot read untrusted tensor files safely; the message says which release can."""
+
+
 def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)`` on a torch release without known bypasses of that mode."""
     import torch
 
     version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
     if version < SAFE_TORCH:
-        raise RuntimeError(f"refusing to read {path}: torch {torch.__version__} has known bypasses of "
+        raise UnsafeTorchError(f"refusing to read {path}: torch {torch.__version__} has known bypasses of "
                            f"weights_only loading (CVE-2025-32434, CVE-2026-24747); install torch >= "
                            f"{SAFE_TORCH[0]}.{SAFE_TORCH[1]}")
     return torch.load(path, weights_only=True, **kwargs)

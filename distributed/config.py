@@ -236,7 +236,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, group: str | 
             kwargs["metavar"] = f.name.upper() if not f.metadata.get("choices") else None
             if f.metadata.get("choices"):
                 kwargs["choices"] = list(f.metadata["choices"])
-        target.add_argument("--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ()), **kwargs)
+        target.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, cls: type = TrainConfig, prefix: str = "") -> Any:

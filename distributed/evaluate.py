@@ -111,8 +111,6 @@ def evaluate(model: CaptionModel, loader: EvalLoader, table: CaptionTable, vocab
     return metrics
 
 
-
-
 def validate(model: CaptionModel, autocast, loaders: Loaders, vocab: Vocabulary, cfg: TrainConfig, env: DistEnv,
              epoch: int) -> dict[str, Any]:
     """Val metrics with precise BatchNorm statistics (else rank 0's), leaving the global RNG as it was."""

@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, apply_skip_list, load_flickr8k
+from core.hardware import cpu_cores
 from core.images import image_transform
 from core.skiplist import SKIP_LIST_NAME, read_skip_list
 from core.vocab import Vocabulary
@@ -262,8 +263,6 @@ def make_train_loader(kind: str, data: Flickr8k, table: CaptionTable, image_size
 
 def default_workers(kind: str, env: DistEnv, requested: int, deterministic: bool = False) -> int:
     """DataLoader workers (torch) or pipeline threads (DALI) per process when ``requested`` is -1."""
-    from core.hardware import cpu_cores
-
     if deterministic and kind == "torch":
         return 0
     if requested >= 0:

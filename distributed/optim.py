@@ -40,8 +40,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
-
 def clip_gradients(optimizer: torch.optim.Optimizer, clip: float) -> None:
     """Clamp each gradient value to [-clip, clip] (the tutorial's clip_gradient)."""
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]

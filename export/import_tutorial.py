@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import CheckpointError, load_model_weights, make_checkpoint, save_checkpoint
-from core.fileio import load_weights_only, read_json
+from core.fileio import UnsafeTorchError, load_weights_only, read_json
 from core.model import BACKBONE_CHANNELS, CaptionModel, ModelConfig
 from core.vocab import SPECIALS, Vocabulary
 from export.manifest import sha256_file
@@ -112,6 +112,8 @@ def read_tutorial_checkpoint(path: Path) -> dict[str, Any]:
             ckpt = load_weights_only(path, map_location="cpu")
     except pickle.UnpicklingError as e:
         raise TutorialImportError(f"refusing to import {path}: {_refusal(str(e))}; nothing in it was run") from None
+    except UnsafeTorchError as e:  # the file may be fine: the torch release is not
+        raise TutorialImportError(str(e)) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise TutorialImportError(f"{path} is not a readable PyTorch checkpoint: {_first_line(str(e))}") from None
     if not isinstance(ckpt, dict) or "encoder" not in ckpt or "decoder" not in ckpt:

@@ -125,3 +125,5 @@ def test_tensor_files_are_not_read_with_a_torch_that_has_weights_only_bypasses(t
     monkeypatch.setattr(torch, "__version__", "2.9.1+cpu")
     with pytest.raises(RuntimeError, match="known bypasses.*torch >= 2.10"):
         fileio.load_weights_only(path)
+    with pytest.raises(CheckpointError, match="^refusing to read .*known bypasses"):  # not "truncated or corrupt"
+        load_checkpoint(path)
