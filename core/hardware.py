@@ -153,9 +153,14 @@ def probe_ort_cuda() -> tuple[bool, str]:
         return False, f"ONNX Runtime CUDA session failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
 
 
-@functools.lru_cache(maxsize=1)
-def detect() -> Hardware:
+@functools.lru_cache(maxsize=2)
+def detect(ort: bool = False) -> Hardware:
+    """This machine. ``ort=True`` also starts an ONNX Runtime CUDA session where a GPU is visible (``ort_cuda``):
+    only what captions through ONNX Runtime asks for it, so training and the eager path never import onnxruntime
+    or open that session; without it ``ort_cuda`` is False."""
     gpus = detect_gpus()
+    if not ort:
+        return Hardware(cpu=detect_cpu(), gpus=gpus)
     ort_cuda, why = probe_ort_cuda() if gpus else (False, "no CUDA GPU")
     return Hardware(cpu=detect_cpu(), gpus=gpus, ort_cuda=ort_cuda, notes=(f"ORT CUDA: {why}",) if why else ())
 
@@ -231,17 +236,12 @@ def choose_dali_device(hw: Hardware, device_type: str) -> Choice:
     return Choice("cpu", "DALI decodes on the CPU (no GPU)")
 
 
-def choose_cpu_threads(hw: Hardware, processes: int = 1) -> Choice:
-    n = max(1, hw.cpu.cores // max(1, processes))
-    return Choice(n, f"{n} torch thread(s) per process: {hw.cpu.cores} core(s) / {processes} process(es)")
-
-
 # ------------------------------------------------------------------------------------------------------ reporting
 def summary(hw: Hardware | None = None) -> str:
     """One line for logs: CPU, kernel level, bf16/VNNI/AMX, cores, GPUs."""
     hw = hw or detect()
     c = hw.cpu
-    feats = [name for name, on in (("bf16", c.native_bf16), ("vnni", c.vnni), ("amx", c.amx)) if on]
+    feats = _features(c)
     gpus = ", ".join(f"{g.name} (sm{g.capability[0]}{g.capability[1]})" for g in hw.gpus) or "no GPU"
     return f"{c.model} | {c.capability} {'+'.join(feats) or 'no bf16/vnni'} | {c.cores} cores | {gpus}"
 
@@ -249,12 +249,16 @@ def summary(hw: Hardware | None = None) -> str:
 def capability_tag(hw: Hardware | None = None) -> str:
     """Short tag naming the CPU kind a figure was measured on, e.g. 'AVX512+bf16+vnni' or 'AVX2'."""
     c = (hw or detect()).cpu
-    return "+".join([c.capability] + [n for n, on in (("bf16", c.native_bf16), ("vnni", c.vnni), ("amx", c.amx)) if on])
+    return "+".join([c.capability] + _features(c))
+
+
+def _features(c: CpuInfo) -> list[str]:
+    return [name for name, on in (("bf16", c.native_bf16), ("vnni", c.vnni), ("amx", c.amx)) if on]
 
 
 def table(hw: Hardware | None = None) -> list[tuple[str, str]]:
     """(item, value) rows for the doctor: what the machine has and what the toolkit will choose."""
-    hw = hw or detect()
+    hw = hw or detect(ort=True)
     c = hw.cpu
     flags = " ".join(sorted(c.flags)) or "(not read: no /proc/cpuinfo)"
     rows = [

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the rows as a JSON object instead of a table")
     args = p.parse_args(argv)
-    hw = hardware.detect()
+    hw = hardware.detect(ort=True)
     rows = hardware.table(hw)
     ok, detail = probe_dali(hw)
     rows.insert(next(i for i, (k, _) in enumerate(rows) if k.startswith("->")), ("DALI", detail))

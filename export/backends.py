@@ -124,7 +124,7 @@ def resolve_providers(providers: Sequence[str] | str | None) -> tuple[list[str],
 
     available = ort.get_available_providers()  # lists CUDA for the GPU build even without a GPU
     if providers is None or providers == "auto":
-        on_cuda = hardware.choose_caption_path(hardware.detect()).value[1] == "cuda"
+        on_cuda = hardware.choose_caption_path(hardware.detect(ort=True)).value[1] == "cuda"
         return ([CUDA_EP, CPU_EP] if on_cuda else [CPU_EP]), False
     if isinstance(providers, str):
         providers = [providers]

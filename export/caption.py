@@ -178,7 +178,7 @@ def load_captioner(args: argparse.Namespace):
 
 def path_reason(backend_name: str, device: str) -> str:
     """Why the model runs where it does, in the words of core.hardware."""
-    hw = hardware.detect()
+    hw = hardware.detect(ort=backend_name == "ort")
     if backend_name == "ort":
         return hardware.choose_caption_path(hw, device).reason
     if device != "auto":

@@ -369,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from core import hardware  # the one place that detects the hardware
 
-    hw = hardware.detect()
+    hw = hardware.detect(ort=True)
     if not hw.cuda:
         print(f"gpu-check: SKIPPED: no CUDA GPU visible ({hardware.summary(hw)}); nothing was checked")
         return 0
