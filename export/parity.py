@@ -153,43 +153,44 @@ def caption_agreement(ref_backend, backend, vocab: Vocabulary, images: Tensor, b
 
 
 # ------------------------------------------------------------------------------- the checks of one export
-def check_graphs(model: CaptionModel, export_dir: Path, images: Tensor, tolerance, seed: int,
-                 torchscript: bool, fp16: bool) -> tuple[dict[str, Any], list[str]]:
+def ort_backends(export_dir: Path, fp16: bool) -> tuple[OrtBackend, OrtBackend | None]:
+    """The fp32 CPU backend (and the fp16 CUDA one) that every check of an export shares: hashed and built once.
+    Their sessions follow torch's thread count (--threads)."""
+    return (OrtBackend(export_dir, providers=["cpu"], threads=torch.get_num_threads()),
+            OrtBackend(export_dir, providers=["cuda"], fp16=True) if fp16 else None)
+
+
+def check_graphs(model: CaptionModel, export_dir: Path, ort_fp32: OrtBackend, ort_fp16: OrtBackend | None,
+                 images: Tensor, tolerance, seed: int, torchscript: bool) -> tuple[dict[str, Any], list[str]]:
     """Parity of every exported fp32 (and fp16) graph with eager: (the manifest's ``parity`` section, failures)."""
     log.info("checking parity against eager PyTorch (N=%s encoder, N=%s x k=%s step)", ENCODER_BATCHES,
              STEP_BATCHES, STEP_BEAMS)
-    threads = torch.get_num_threads()  # the ORT sessions follow torch's thread count (--threads)
     parity: dict[str, Any] = {"reference": "eager PyTorch fp32 on CPU", "tolerance": tolerance,
-                              "onnx": parity_report(model, OrtBackend(export_dir, providers=["cpu"], threads=threads),
-                                                    images, tolerance, seed)}
+                              "onnx": parity_report(model, ort_fp32, images, tolerance, seed)}
     if torchscript:
         parity["torchscript"] = parity_report(model, TorchScriptBackend(export_dir, device="cpu"), images,
                                               tolerance, seed)
-    if fp16:
-        parity["fp16"] = parity_report(model, OrtBackend(export_dir, providers=["cuda"], fp16=True), images,
-                                       FP16_TOLERANCE, seed)
+    if ort_fp16 is not None:
+        parity["fp16"] = parity_report(model, ort_fp16, images, FP16_TOLERANCE, seed)
     failures = [f"{b}: {f}" for b in ("onnx", "torchscript", "fp16") if b in parity for f in parity[b]["failures"]]
     return parity, failures
 
 
-def check_captions(model: CaptionModel, vocab: Vocabulary, export_dir: Path, images: Tensor, calib: Tensor,
-                   calib_source: str, calib_references: list | None, beam_size: int, max_len: int,
-                   int8: bool, fp16: bool) -> dict[str, Any]:
+def check_captions(model: CaptionModel, vocab: Vocabulary, export_dir: Path, ort_fp32: OrtBackend,
+                   ort_fp16: OrtBackend | None, images: Tensor, calib: Tensor, calib_source: str,
+                   calib_references: list | None, beam_size: int, max_len: int, int8: bool) -> dict[str, Any]:
     """Caption agreement: fp32 ONNX vs eager on ``images``; int8 and fp16 vs fp32 ONNX on the calibration set."""
-    threads = torch.get_num_threads()
-    ort_fp32 = OrtBackend(export_dir, providers=["cpu"], threads=threads)
     out: dict[str, Any] = {"captions": caption_agreement(EagerBackend(model, vocab, device="cpu"), ort_fp32, vocab,
                                                          images, beam_size=3, max_len=max_len)}
     if int8:
         log.info("int8 caption agreement on %s", calib_source)
-        ort_int8 = OrtBackend(export_dir, providers=["cpu"], int8=True, threads=threads)
+        ort_int8 = OrtBackend(export_dir, providers=["cpu"], int8=True, threads=torch.get_num_threads())
         out["int8"] = {**caption_agreement(ort_fp32, ort_int8, vocab, calib, beam_size, max_len,
                                            references=calib_references, shared_encoder=True),
                        "calibration_set": calib_source,
                        "step_error_greedy": step_error_along_greedy(ort_fp32, ort_int8, calib[:16], vocab.start_id,
                                                                     max_len)}
-    if fp16:
-        ort_fp16 = OrtBackend(export_dir, providers=["cuda"], fp16=True)
+    if ort_fp16 is not None:
         out["fp16"] = caption_agreement(ort_fp32, ort_fp16, vocab, calib, beam_size, max_len,
                                         references=calib_references)
     return out

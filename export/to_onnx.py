@@ -106,7 +106,9 @@ def check_export(model: CaptionModel, vocab: Vocabulary, out: Path, manifest: di
     g = torch.Generator().manual_seed(opt.seed + 1)
     images = torch.randn(max(parity.STEP_BATCHES), 3, s, s, generator=g)  # (8, 3, S, S)
     fp16 = "fp16" in manifest and "skipped" not in manifest["fp16"]
-    manifest["parity"], failures = parity.check_graphs(model, out, images, tolerance, opt.seed, opt.torchscript, fp16)
+    ort_fp32, ort_fp16 = parity.ort_backends(out, fp16)
+    manifest["parity"], failures = parity.check_graphs(model, out, ort_fp32, ort_fp16, images, tolerance, opt.seed,
+                                                       opt.torchscript)
     if failures:
         fmt.write_manifest(out, manifest)
         raise ParityError("exported graphs differ from eager PyTorch beyond tolerance:\n  " + "\n  ".join(failures[:20])
@@ -117,8 +119,8 @@ def check_export(model: CaptionModel, vocab: Vocabulary, out: Path, manifest: di
         calib_source = f"{num_calib} random images (seed {opt.seed + 1})"
     else:
         calib_source = f"{len(calib_images)} dataset images"
-    caps = parity.check_captions(model, vocab, out, images, calib_images, calib_source, calib_references,
-                                 opt.beam_size, opt.max_len, opt.quantize == "int8", fp16)
+    caps = parity.check_captions(model, vocab, out, ort_fp32, ort_fp16, images, calib_images, calib_source,
+                                 calib_references, opt.beam_size, opt.max_len, opt.quantize == "int8")
     manifest["parity"]["captions"] = caps["captions"]
     if "int8" in caps:
         int8 = manifest["graphs"]["decoder_step_int8"]
