@@ -420,7 +420,9 @@ def build_report(data: dict, results_name: str, charts: list[str], command: str,
     lines += [f"Command: `{command}`; raw results: `{results_name}`" + (f"; pytest exit status {exit_code}" if exit_code is not None else ""), ""]
     lines += ["Medians of one run. Every ratio is measured against the reference: the canonical tutorial's eager "
               "per-image beam search (bench/reference.py: one image at a time, the k beams as the batch, features "
-              "tiled per beam, the encoder attention projection recomputed every step, finished beams removed). "
+              "tiled per beam, the encoder attention projection recomputed every step; a finished beam stays a row "
+              "scored -inf where the tutorial drops it, so once captions end it does a little more work than the "
+              "tutorial). "
               "Our backends run `core.decode.beam_search(..., early_stop=False)`: a fixed number of steps for "
               "every backend.", ""]
     lines += machine_section(data)
