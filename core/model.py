@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from core.decode import Encoded
 from core.fileio import load_weights_only
+from core.weights import PretrainedWeightsError, imagenet_state_dict
 
 # Channels of the last conv block: the bottleneck ResNets end in 2048, the basic-block ones in 512.
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
@@ -107,28 +108,17 @@ class Encoder(nn.Module):
                 p.requires_grad = fine_tune
 
 
-class PretrainedWeightsError(RuntimeError):
-    pass
-
-
 def load_pretrained_encoder(encoder: Encoder, backbone: str, source: str) -> None:
     """Load ImageNet weights into ``encoder.resnet``.
 
-    ``source`` is "imagenet" (torchvision's weights API, IMAGENET1K_V2 where it exists, cached under TORCH_HOME)
+    ``source`` is "imagenet" (torchvision's published file, IMAGENET1K_V2 where it exists, cached under TORCH_HOME,
+    sha256-checked: core/weights.py)
     or the path of a local torchvision ResNet state_dict (.pth).
     """
     if source == "imagenet":
         enum = torchvision.models.get_model_weights(backbone)
         weights = getattr(enum, "IMAGENET1K_V2", None) or enum.IMAGENET1K_V1
-        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-        try:
-            state = weights.get_state_dict(progress=False, check_hash=True)
-        except Exception as e:  # URLError, socket timeouts, hash mismatch: all mean "no usable file"
-            raise PretrainedWeightsError(
-                f"could not load ImageNet weights {weights} for {backbone}: {e}.\n"
-                f"Without network access, place the file at {cache} (TORCH_HOME={torch.hub.get_dir()}), "
-                f"or pass a local file with --encoder-weights PATH, or train from scratch with --encoder-weights none."
-            ) from e
+        state = imagenet_state_dict(weights)  # hash-checked, weights_only (torchvision's loader unpickles code)
     else:
         path = Path(source)
         if not path.is_file():
