@@ -1,8 +1,8 @@
-"""Flickr8k datasets: captions and splits of a dataset directory, caption tensors, torch datasets.
+"""Captioning datasets: captions and splits of a dataset directory, caption tensors, torch datasets.
 
-Expected layout (the real dataset, or one made by ``python -m core.synthetic DIR``): see core.captions;
-or captions and splits from Karpathy's ``dataset_flickr8k.json`` (``karpathy_json=``). Images are read by
-core.images (the one loader), caption files by core.captions, splits made by core.splits.
+Layouts (Flickr8k's token file, Karpathy's dataset_flickr8k/flickr30k/coco.json; the real datasets or ones made
+by ``python -m core.synthetic DIR --layout ...``): see core.layouts. Images are read by core.images (the one
+loader, only when a sample is asked for), caption files by core.captions, splits made by core.splits.
 
 Captions and images travel separately: a dataset yields ``(image, index)`` and the batch's
 captions are looked up with :meth:`CaptionTable.sample`, one rule for the torch and DALI loaders.
@@ -28,26 +28,14 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, parse_token_file
+from core.captions import DataFormatError
 from core.cli import add_deprecated_alias
 from core.datacheck import add_check_command
 from core.images import load_image
+from core.layouts import DATASETS, DatasetNotFoundError, files_present, read_layout
 from core.skiplist import SkipList
-from core.splits import SPLIT_NAMES, Splits, load_karpathy_json, make_splits
+from core.splits import SPLIT_NAMES, Splits, make_splits
 from core.vocab import Vocabulary, tokenize
-
-_LAYOUT_HELP = (
-    "expected layout:\n"
-    "  {root}/Images/*.jpg\n"
-    "  {root}/Flickr8k.token.txt   (lines 'IMAGE.jpg#N<TAB>caption')\n"
-    "make a synthetic dataset with that layout: `python -m core.synthetic {root} --images 200 --seed 1` "
-    "(or `./launch.sh demo`)"
-)
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset directory, its Images/ folder or its caption file is missing."""
-
 
 # --------------------------------------------------------------------------------------------
 # The dataset
@@ -60,7 +48,9 @@ class Flickr8k:
     images_dir: Path
     captions: dict[str, list[str]]
     splits: Splits
-    missing_images: list[str] = field(default_factory=list)  # captioned but absent from Images/
+    missing_images: list[str] = field(default_factory=list)  # captioned but absent from the image folder
+    dataset: str = "flickr8k"  # flickr8k | flickr30k | coco (core.layouts)
+    ids: dict[str, int | str] = field(default_factory=dict)  # name -> Karpathy image id (cocoid/imgid), if any
 
     def image_path(self, name: str) -> Path:
         return self.images_dir / name
@@ -77,57 +67,29 @@ class Flickr8k:
         return CaptionTable(self.splits[split], self.captions, vocab, max_len=max_len)
 
 
-def _layout_error(root: Path, problem: str) -> DatasetNotFoundError:
-    hints = []
-    if (root / "captions.txt").is_file():
-        hints.append(f"found {root / 'captions.txt'} (the Kaggle CSV format): "
-                     f"convert it to {TOKEN_FILE} lines 'IMAGE#N<TAB>caption'")
-    for alt in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images"):
-        if (root / alt).is_dir() and not (root / IMAGES_DIR).is_dir():
-            hints.append(f"found {root / alt}/: rename or symlink it to {root / IMAGES_DIR}")
-    msg = f"{problem}\n{_LAYOUT_HELP.format(root=root)}"
-    return DatasetNotFoundError(msg + "".join(f"\nhint: {h}" for h in hints))
-
-
 def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[str] | None = None,
-                  seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1) -> Flickr8k:
-    """Load captions and splits of ``root`` (the layout is in core.captions).
+                  seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, dataset: str = "auto") -> Flickr8k:
+    """Load captions and splits of the dataset in ``root`` (Flickr8k, Flickr30k or COCO: see core.layouts).
 
-    Captions whose image file is missing are dropped with a warning (the real
+    No image is opened. Captions whose image file is missing are dropped with a warning (the real
     ``Flickr8k.token.txt`` names one such image, ``2258277193_586949ec62.jpg.1``).
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise _layout_error(root, f"dataset directory {root} does not exist")
-    images_dir = root / IMAGES_DIR
-    if not images_dir.is_dir():
-        raise _layout_error(root, f"no {IMAGES_DIR}/ folder in {root}")
-
-    if karpathy_json is not None:
-        kpath = Path(karpathy_json)
-        if not kpath.is_file():
-            raise DatasetNotFoundError(f"Karpathy split file {kpath} does not exist")
-        captions, splits = load_karpathy_json(kpath)
-    else:
-        token = root / TOKEN_FILE
-        if not token.is_file():
-            raise _layout_error(root, f"no caption file {token}")
-        captions, splits = parse_token_file(token), None
-
-    on_disk = {e.name for e in os.scandir(images_dir) if e.is_file()}  # one listing, not 8k stats
+    layout = read_layout(root, dataset=dataset, karpathy_json=karpathy_json)
+    captions, splits = layout.captions, layout.splits
+    on_disk = files_present(layout.images_dir, list(captions))  # one listing per folder, not 123k stats
     missing = [n for n in captions if n not in on_disk]
     if missing:
-        warnings.warn(f"{len(missing)} captioned image(s) missing from {images_dir} are ignored, "
+        warnings.warn(f"{len(missing)} captioned image(s) missing from {layout.images_dir} are ignored, "
                       f"e.g. {missing[:3]}", stacklevel=2)
         captions = {n: c for n, c in captions.items() if n in on_disk}
     if not captions:
-        raise DataFormatError(f"none of the captioned images exists in {images_dir}")
+        raise DataFormatError(f"none of the captioned images exists in {layout.images_dir}")
 
     if splits is None:
         splits = make_splits(captions, root, seed=seed, val_frac=val_frac, test_frac=test_frac)
     else:
         splits = Splits(*([n for n in splits[s] if n in captions] for s in SPLIT_NAMES))
-    return Flickr8k(root, images_dir, captions, splits, missing)
+    return Flickr8k(Path(root), layout.images_dir, captions, splits, missing, layout.dataset, layout.ids)
 
 
 def apply_skip_list(data: Flickr8k, skip: SkipList | Iterable[str]) -> Flickr8k:
@@ -281,7 +243,9 @@ class EvalDataset(_ImageDataset):
 # CLI: subcommands register themselves in build_parser(); add yours with a `add_<name>_command`.
 # --------------------------------------------------------------------------------------------
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="dataset root (Images/ + Flickr8k.token.txt)")
+    p.add_argument("data_dir", type=Path, help="dataset root (layouts: python -m core.layouts, or the README)")
+    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
+                   help="the dataset's layout; auto: from the files present (default)")
     p.add_argument("--karpathy-json", type=Path, default=None, help="take captions and splits from this file")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the random split (no official split files)")
     add_deprecated_alias(p, "--seed", "--split-seed", type=int)
@@ -292,18 +256,17 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace) -> Flickr8k:
     """:func:`load_flickr8k` from the arguments added by ``add_dataset_args``."""
     return load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed,
-                         val_frac=args.val_frac, test_frac=args.test_frac)
+                         val_frac=args.val_frac, test_frac=args.test_frac, dataset=getattr(args, "dataset", "auto"))
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     data = load_from_args(args)
     vocab = data.build_vocab(min_freq=args.min_word_freq)
-    n_files = sum(1 for e in os.scandir(data.images_dir) if e.is_file())
     per_image = [len(c) for c in data.captions.values()]
     lengths = [len(tokenize(c)) for caps in data.captions.values() for c in caps]
     sizes = data.splits.sizes()
     print(f"dataset        {data.root}")
-    print(f"image files    {n_files} in {data.images_dir}")
+    print(f"layout         {data.dataset}, images under {data.images_dir}")
     print(f"captioned      {len(data.captions)} images, {data.num_captions} captions "
           f"({min(per_image)}-{max(per_image)} per image), "
           f"{len(data.missing_images)} captioned images missing")

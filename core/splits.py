@@ -11,6 +11,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.captions import IMAGES_DIR, OFFICIAL_SPLIT_FILES, TOKEN_FILE, DataFormatError, read_text_lines
 from core.fileio import read_json
@@ -44,38 +45,75 @@ class Splits:
 
 
 def load_karpathy_json(path: str | os.PathLike[str]) -> tuple[dict[str, list[str]], Splits]:
-    """Captions and splits from Karpathy's ``dataset_flickr8k.json``.
+    """Captions and splits from a Karpathy file, image names = ``filename`` (see :func:`read_karpathy`)."""
+    k = read_karpathy(path, use_filepath=False)
+    return k.captions, k.splits
 
-    Uses ``images[].filename``, ``images[].split`` and ``images[].sentences[].raw``;
-    ``restval`` images go to train (the usual practice).
+
+@dataclass
+class Karpathy:
+    """What a Karpathy ``dataset_*.json`` holds: captions and splits by image name, and each image's id."""
+
+    captions: dict[str, list[str]]
+    splits: Splits
+    ids: dict[str, int | str]  # name -> cocoid (COCO) or imgid: the image_id of results files
+    dataset: str  # the file's own "dataset" field ("" when absent)
+
+
+def _karpathy_field(img: Any, key: str, kind: type, where: str) -> Any:
+    value = img.get(key) if isinstance(img, dict) else None
+    if not isinstance(value, kind):
+        found = "missing" if not isinstance(img, dict) or key not in img else f"a {type(value).__name__}"
+        raise DataFormatError(f"{where}.{key}: expected a {kind.__name__}, found {found}")
+    return value
+
+
+def _karpathy_raws(img: dict, where: str) -> list[str]:
+    sentences = _karpathy_field(img, "sentences", list, where)
+    raws = []
+    for j, s in enumerate(sentences):
+        raw = s.get("raw") if isinstance(s, dict) else None
+        if not isinstance(raw, str):  # "tokens" are not read: captions are tokenized like every other source
+            raise DataFormatError(f"{where}.sentences[{j}].raw: expected a string, found "
+                                  f"{'missing' if not isinstance(s, dict) or 'raw' not in s else type(raw).__name__}")
+        if raw.strip():
+            raws.append(raw.strip())
+    if not raws:
+        raise DataFormatError(f"{where}.sentences: image has no captions")
+    return raws
+
+
+def read_karpathy(path: str | os.PathLike[str], use_filepath: bool) -> Karpathy:
+    """Read Karpathy's ``dataset_flickr8k.json`` / ``dataset_flickr30k.json`` / ``dataset_coco.json``.
+
+    Reads ``images[].filename``, ``images[].split``, ``images[].sentences[].raw`` and, with ``use_filepath``
+    (COCO: ``train2014``/``val2014``), ``images[].filepath``: the name is then ``filepath/filename``. ``restval``
+    images go to train (the usual practice). Errors name the file and the field (``images[12].sentences[0].raw``).
     """
     path = Path(path)
     data = read_json(path, DataFormatError)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DataFormatError(f"{path}: expected a JSON object with an 'images' list")
     captions: dict[str, list[str]] = {}
+    ids: dict[str, int | str] = {}
     split_lists: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
     for i, img in enumerate(data["images"]):
         where = f"{path}: images[{i}]"
-        try:
-            name, split, sentences = img["filename"], img["split"], img["sentences"]
-            raws = [s["raw"] for s in sentences]
-        except (KeyError, TypeError) as e:
-            raise DataFormatError(
-                f"{where}: expected keys 'filename', 'split', 'sentences[].raw' (missing {e})") from None
+        name = _karpathy_field(img, "filename", str, where)
+        if use_filepath:
+            name = f"{_karpathy_field(img, 'filepath', str, where).strip('/')}/{name}"
+        split = _karpathy_field(img, "split", str, where)
         split = "train" if split == "restval" else split
         if split not in split_lists:
-            raise DataFormatError(f"{where}: unknown split {img['split']!r} (expected train/val/test/restval)")
+            raise DataFormatError(f"{where}.split: unknown split {img['split']!r} (expected train/val/test/restval)")
         if name in captions:
-            raise DataFormatError(f"{where}: image {name!r} listed twice")
-        raws = [r.strip() for r in raws if isinstance(r, str) and r.strip()]
-        if not raws:
-            raise DataFormatError(f"{where}: image {name!r} has no captions")
-        captions[name] = raws
+            raise DataFormatError(f"{where}.filename: image {name!r} listed twice")
+        captions[name] = _karpathy_raws(img, where)
+        ids[name] = img.get("cocoid", img.get("imgid", name))
         split_lists[split].append(name)
     if not captions:
         raise DataFormatError(f"{path}: 'images' is empty")
-    return captions, Splits(**split_lists)
+    return Karpathy(captions, Splits(**split_lists), ids, str(data.get("dataset", "")))
 
 
 def read_official_splits(data_dir: str | os.PathLike[str], known: Iterable[str]) -> Splits:

@@ -1,11 +1,14 @@
-"""Synthetic captioning data in the exact Flickr8k layout, learnable in minutes on a CPU.
+"""Synthetic captioning data in the exact Flickr8k, Flickr30k or COCO layout, learnable in minutes on a CPU.
 
-    python -m core.synthetic out/synth --images 200 --seed 1 [--size 128]
+    python -m core.synthetic out/synth --images 200 --seed 1 [--size 128] [--layout flickr8k|flickr30k|coco]
 
-writes::
+writes (flickr8k, the default)::
 
     out/synth/Images/00000.jpg ...                    one rendered scene per image
     out/synth/Flickr8k.token.txt                      00000.jpg#0<TAB>caption   (5 captions per image)
+
+flickr30k: ``flickr30k-images/`` + Karpathy's ``dataset_flickr30k.json``; coco: ``train2014/`` + ``val2014/`` +
+``dataset_coco.json`` (``filepath``/``filename``, test/val/restval images in val2014/), as core.layouts reads them.
 
 Each scene has 1-3 shapes (circle / square / triangle), 6 well separated colours, 2 clearly
 different sizes, each shape in its own cell of a 3x3 grid on a light background with a faint
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import re
@@ -34,9 +38,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from core.captions import IMAGES_DIR, TOKEN_FILE
+from core.layouts import FLICKR30K_IMAGE_DIRS, KARPATHY_FILES
 from core.fileio import atomic_write_text
 
 CAPTIONS_PER_IMAGE = 5
+LAYOUTS = ("flickr8k", "flickr30k", "coco")
 JPEG_QUALITY = 92
 
 SHAPES = ("circle", "square", "triangle")
@@ -265,38 +271,95 @@ def _check_overwritable(out: Path) -> None:
             "choose another directory or pass --force to write into it anyway")
 
 
-def generate(out_dir: str | os.PathLike[str], num_images: int, seed: int = 0, size: int = 128,
-             force: bool = False) -> Path:
-    """Write ``num_images`` scenes and their captions under ``out_dir``; return ``out_dir``.
+def _karpathy_split(i: int, layout: str) -> str:
+    """Every 10th image test, the next val, for COCO the next restval (Karpathy's train-time extra), rest train."""
+    split = {0: "test", 1: "val", 2: "restval" if layout == "coco" else "train"}.get(i % 10, "train")
+    return split
 
-    Overwrites a previous synthetic dataset in place (stale ``NNNNN.jpg`` from a larger earlier
-    run are removed so images and captions always match); the token file is replaced atomically.
+
+def _image_folder(layout: str, split: str) -> str:
+    if layout == "flickr30k":
+        return FLICKR30K_IMAGE_DIRS[0]
+    return "train2014" if split == "train" else "val2014"  # COCO: Karpathy's val/test/restval come from val2014
+
+
+def _check_karpathy_overwritable(out: Path, layout: str) -> None:
+    path = out / KARPATHY_FILES[layout]
+    if path.is_file():
+        try:
+            ours = json.loads(path.read_text(encoding="utf-8")).get("synthetic") is True
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            ours = False
+        if not ours:
+            raise FileExistsError(f"{path} was not written by this generator; choose another directory or pass "
+                                  "--force to write into it anyway")
+
+
+def _write_images(out: Path, num_images: int, seed: int, size: int, folder_of) -> list[tuple[str, str, list[str]]]:
+    """Render the scenes: ``(folder, file name, captions)`` of each, the images written under ``out/folder``."""
+    rng = random.Random(seed)
+    width = max(5, len(str(num_images - 1)))
+    written = []
+    for i in range(num_images):
+        scene = random_scene(rng)
+        folder, name = folder_of(i), f"{i:0{width}d}.jpg"
+        (out / folder).mkdir(parents=True, exist_ok=True)
+        (out / folder / name).write_bytes(_jpeg_bytes(render(scene, size)))
+        written.append((folder, name, describe(scene, rng)))
+    for folder in {f for f, _, _ in written}:  # leftovers of an earlier, larger run
+        names = {n for f, n, _ in written if f == folder}
+        for entry in os.scandir(out / folder):
+            if _SYNTH_NAME_RE.match(entry.name) and entry.name not in names:
+                os.unlink(entry.path)
+    return written
+
+
+def _write_karpathy(out: Path, layout: str, written: list[tuple[str, str, list[str]]]) -> None:
+    images = []
+    for i, (folder, name, caps) in enumerate(written):
+        entry = {"filename": name, "imgid": i, "split": _karpathy_split(i, layout),
+                 "sentences": [{"raw": c, "tokens": c.split(), "imgid": i} for c in caps]}
+        if layout == "coco":
+            entry = {"filepath": folder, "cocoid": i, **entry}
+        images.append(entry)
+    text = json.dumps({"dataset": layout, "synthetic": True, "images": images}, separators=(",", ":"))
+    atomic_write_text(out / KARPATHY_FILES[layout], text + "\n")
+
+
+def generate(out_dir: str | os.PathLike[str], num_images: int, seed: int = 0, size: int = 128,
+             force: bool = False, layout: str = "flickr8k") -> Path:
+    """Write ``num_images`` scenes and their captions under ``out_dir`` in ``layout``; return ``out_dir``.
+
+    flickr8k: Images/ + Flickr8k.token.txt; flickr30k: flickr30k-images/ + dataset_flickr30k.json; coco:
+    train2014/ + val2014/ + dataset_coco.json (filepath/filename, restval). Overwrites a previous synthetic dataset
+    in place (stale ``NNNNN.jpg`` from a larger earlier run are removed so images and captions always match); the
+    caption file is replaced atomically.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels (small shapes would vanish), got {size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out_dir)
     if not force:
-        _check_overwritable(out)
-    images = out / IMAGES_DIR
-    images.mkdir(parents=True, exist_ok=True)
-
-    rng = random.Random(seed)
-    width = max(5, len(str(num_images - 1)))
-    lines: list[str] = []
-    names: set[str] = set()
-    for i in range(num_images):
-        scene = random_scene(rng)
-        name = f"{i:0{width}d}.jpg"
-        names.add(name)
-        (images / name).write_bytes(_jpeg_bytes(render(scene, size)))
-        lines.extend(f"{name}#{k}\t{c}\n" for k, c in enumerate(describe(scene, rng)))
-    atomic_write_text(out / TOKEN_FILE, "".join(lines))
-    for entry in os.scandir(images):  # leftovers of an earlier, larger run
-        if _SYNTH_NAME_RE.match(entry.name) and entry.name not in names:
-            os.unlink(entry.path)
+        _check_overwritable(out) if layout == "flickr8k" else _check_karpathy_overwritable(out, layout)
+    if layout == "flickr8k":
+        written = _write_images(out, num_images, seed, size, lambda i: IMAGES_DIR)
+        atomic_write_text(out / TOKEN_FILE, "".join(f"{name}#{k}\t{c}\n" for _, name, caps in written
+                                                    for k, c in enumerate(caps)))
+    else:
+        written = _write_images(out, num_images, seed, size, lambda i: _image_folder(layout, _karpathy_split(i, layout)))
+        _write_karpathy(out, layout, written)
     return out
+
+
+def _distinct_words(out: Path, layout: str) -> set[str]:
+    if layout == "flickr8k":
+        with open(out / TOKEN_FILE, encoding="utf-8") as f:
+            return {w for line in f for w in re.findall(r"[a-z]+", line.split("\t", 1)[1])}
+    images = json.loads((out / KARPATHY_FILES[layout]).read_text(encoding="utf-8"))["images"]
+    return {w for img in images for s in img["sentences"] for w in re.findall(r"[a-z]+", s["raw"])}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,19 +370,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=200, help="number of images (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed -> byte-identical output")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--layout", choices=LAYOUTS, default="flickr8k",
+                   help="flickr8k: Images/ + Flickr8k.token.txt; flickr30k: flickr30k-images/ + "
+                        "dataset_flickr30k.json; coco: train2014/ + val2014/ + dataset_coco.json (default flickr8k)")
     p.add_argument("--force", action="store_true",
                    help="write even if OUT looks like a dataset this tool did not generate")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        out = generate(args.out, args.images, seed=args.seed, size=args.size, force=args.force)
+        out = generate(args.out, args.images, seed=args.seed, size=args.size, force=args.force, layout=args.layout)
     except (ValueError, FileExistsError) as e:
         p.error(str(e))
     dt = time.perf_counter() - t0
-    with open(out / TOKEN_FILE, encoding="utf-8") as f:
-        words = {w for line in f for w in re.findall(r"[a-z]+", line.split("\t", 1)[1])}
+    words = _distinct_words(out, args.layout)
     print(f"wrote {args.images} images ({args.size}px) and {args.images * CAPTIONS_PER_IMAGE} captions "
-          f"({len(words)} distinct words) to {out} in {dt:.2f}s (seed {args.seed})")
+          f"({len(words)} distinct words) to {out} in the {args.layout} layout in {dt:.2f}s (seed {args.seed})")
     return 0
 
 

@@ -1,0 +1,148 @@
+"""Dataset layouts on disk: Flickr8k, Flickr30k and COCO (Karpathy's splits), chosen by name or from the files present.
+
+    flickr8k   DIR/Images/*.jpg + DIR/Flickr8k.token.txt        (or --karpathy-json dataset_flickr8k.json)
+    flickr30k  DIR/dataset_flickr30k.json + DIR/flickr30k-images/*.jpg (or DIR/Images/)
+    coco       DIR/dataset_coco.json + DIR/train2014/*.jpg + DIR/val2014/*.jpg  (image = filepath/filename)
+
+Nothing here opens an image: which captioned images exist is decided from one directory listing per image folder
+(COCO: 123k images, two listings). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.captions import IMAGES_DIR, TOKEN_FILE, parse_token_file
+from core.splits import Splits, read_karpathy
+
+DATASETS = ("flickr8k", "flickr30k", "coco")
+KARPATHY_FILES = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json",
+                  "coco": "dataset_coco.json"}
+FLICKR30K_IMAGE_DIRS = ("flickr30k-images", IMAGES_DIR)
+COCO_IMAGE_DIRS = ("train2014", "val2014")
+EXPECTED = {
+    "flickr8k": "  {root}/Images/*.jpg\n  {root}/Flickr8k.token.txt   (lines 'IMAGE.jpg#N<TAB>caption'; or "
+                "--karpathy-json dataset_flickr8k.json)\n"
+                "make a synthetic one: `python -m core.synthetic {root} --layout flickr8k` (or `./launch.sh demo`)",
+    "flickr30k": "  {root}/dataset_flickr30k.json   (Karpathy's: images[].filename, split, sentences[].raw)\n"
+                 "  {root}/flickr30k-images/*.jpg   (or {root}/Images/)\n"
+                 "make a synthetic one: `python -m core.synthetic {root} --layout flickr30k`",
+    "coco": "  {root}/dataset_coco.json   (Karpathy's: images[].filepath, filename, split incl. restval, "
+            "sentences[].raw)\n  {root}/train2014/*.jpg  {root}/val2014/*.jpg\n"
+            "make a synthetic one: `python -m core.synthetic {root} --layout coco`",
+}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset directory, its image folder or its caption file is missing."""
+
+
+@dataclass
+class Layout:
+    """Captions by image name (a path relative to ``images_dir``), the file's splits if it has them, image ids."""
+
+    dataset: str
+    images_dir: Path
+    captions: dict[str, list[str]]
+    splits: Splits | None
+    ids: dict[str, int | str] = field(default_factory=dict)
+
+
+def expected_layout(dataset: str, root: Path) -> str:
+    return f"expected layout ({dataset}):\n" + EXPECTED[dataset].format(root=root)
+
+
+def layout_error(root: Path, problem: str, dataset: str | None = None) -> DatasetNotFoundError:
+    names = [dataset] if dataset else list(DATASETS)
+    hints = []
+    if (root / "captions.txt").is_file():
+        hints.append(f"found {root / 'captions.txt'} (the Kaggle CSV format): "
+                     f"convert it to {TOKEN_FILE} lines 'IMAGE#N<TAB>caption'")
+    for alt in ("Flicker8k_Dataset", "Flickr8k_Dataset", "images"):
+        if (root / alt).is_dir() and not (root / IMAGES_DIR).is_dir():
+            hints.append(f"found {root / alt}/: rename or symlink it to {root / IMAGES_DIR}")
+    text = "\n".join(expected_layout(d, root) for d in names)
+    return DatasetNotFoundError(f"{problem}\n{text}" + "".join(f"\nhint: {h}" for h in hints))
+
+
+def detect(root: Path, karpathy_json: Path | None = None) -> str:
+    """The dataset whose files are in ``root`` (a Karpathy file given by name decides by its name)."""
+    if karpathy_json is not None:
+        for name, fname in KARPATHY_FILES.items():
+            if Path(karpathy_json).name == fname:
+                return name
+        return "flickr8k"  # any other name: the Flickr8k layout with the file's captions, as before
+    found = [d for d in ("coco", "flickr30k") if (root / KARPATHY_FILES[d]).is_file()]
+    if (root / TOKEN_FILE).is_file() or ((root / KARPATHY_FILES["flickr8k"]).is_file() and not found):
+        found.append("flickr8k")
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise layout_error(root, f"found no dataset in {root} (none of {TOKEN_FILE}, "
+                                 f"{', '.join(KARPATHY_FILES.values())})")
+    raise layout_error(root, f"{root} holds the files of several datasets ({', '.join(found)}): "
+                             f"choose one with --dataset", dataset=found[0])
+
+
+def _flickr8k(root: Path, karpathy_json: Path | None) -> Layout:
+    images_dir = root / IMAGES_DIR
+    if not images_dir.is_dir():
+        raise layout_error(root, f"no {IMAGES_DIR}/ folder in {root}", "flickr8k")
+    token = root / TOKEN_FILE
+    if karpathy_json is not None or not token.is_file() and (root / KARPATHY_FILES["flickr8k"]).is_file():
+        k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr8k"), use_filepath=False)
+        return Layout("flickr8k", images_dir, k.captions, k.splits, k.ids)
+    if not token.is_file():
+        raise layout_error(root, f"no caption file {token}", "flickr8k")
+    return Layout("flickr8k", images_dir, parse_token_file(token), None)
+
+
+def _karpathy_path(root: Path, given: Path | None, dataset: str) -> Path:
+    path = Path(given) if given is not None else root / KARPATHY_FILES[dataset]
+    if not path.is_file():
+        raise layout_error(root, f"Karpathy split file {path} does not exist", dataset)
+    return path
+
+
+def _flickr30k(root: Path, karpathy_json: Path | None) -> Layout:
+    folder = next((root / d for d in FLICKR30K_IMAGE_DIRS if (root / d).is_dir()), None)
+    if folder is None:
+        raise layout_error(root, f"no image folder ({' or '.join(FLICKR30K_IMAGE_DIRS)}/) in {root}", "flickr30k")
+    k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr30k"), use_filepath=False)
+    return Layout("flickr30k", folder, k.captions, k.splits, k.ids)
+
+
+def _coco(root: Path, karpathy_json: Path | None) -> Layout:
+    if not any((root / d).is_dir() for d in COCO_IMAGE_DIRS):
+        raise layout_error(root, f"no image folder ({' or '.join(COCO_IMAGE_DIRS)}/) in {root}", "coco")
+    k = read_karpathy(_karpathy_path(root, karpathy_json, "coco"), use_filepath=True)
+    return Layout("coco", root, k.captions, k.splits, k.ids)
+
+
+def read_layout(root: str | os.PathLike[str], dataset: str = "auto",
+                karpathy_json: str | os.PathLike[str] | None = None) -> Layout:
+    """Captions (and splits, from a Karpathy file) of the dataset in ``root``; ``dataset`` auto = :func:`detect`."""
+    root = Path(root)
+    kpath = Path(karpathy_json) if karpathy_json is not None else None
+    if dataset not in ("auto", *DATASETS):
+        raise ValueError(f"--dataset must be auto or one of {DATASETS}, got {dataset!r}")
+    if not root.is_dir():
+        raise layout_error(root, f"dataset directory {root} does not exist",
+                           None if dataset == "auto" else dataset)
+    if dataset == "auto":
+        dataset = detect(root, kpath)
+    return {"flickr8k": _flickr8k, "flickr30k": _flickr30k, "coco": _coco}[dataset](root, kpath)
+
+
+def files_present(images_dir: Path, names: list[str]) -> set[str]:
+    """The ``names`` (paths relative to ``images_dir``) that are files: one listing per folder, no stat per image."""
+    folders = {os.path.dirname(n) for n in names}
+    present: set[str] = set()
+    for folder in folders:
+        path = images_dir / folder
+        if path.is_dir():
+            prefix = f"{folder}/" if folder else ""
+            present.update(prefix + e.name for e in os.scandir(path) if e.is_file())
+    return present
