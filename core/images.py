@@ -17,6 +17,7 @@ float64 copy of the whole image.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -175,6 +176,21 @@ def load_image(path: str | os.PathLike[str], exif_transpose: bool = True, *,
     """
     with open_image(path, max_pixels) as im:
         return decode_rgb(im, path, exif_transpose)
+
+
+def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = True, *,
+                     max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_image` for bytes in memory (an HTTP upload): the same formats, pixel limit and errors,
+    with ``name`` in the messages where a path would be. No path is ever opened."""
+    path = Path(name)
+    if not data:
+        raise _error(path, "empty-file", "zero bytes")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    im = _read_header(io.BytesIO(data), path, len(data))
+    w, h = im.size
+    if w * h > limit:
+        raise _error(path, "decompression-bomb", f"{w}x{h} = {w * h} pixels is over the limit of {limit}; not decoded")
+    return decode_rgb(im, path, exif_transpose)
 
 
 # --------------------------------------------------------------------------------------------

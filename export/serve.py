@@ -1,0 +1,144 @@
+"""Serve an exported captioning model over HTTP, with dynamic batching and a web page.
+
+    python -m export.serve --model runs/demo/exported                    # http://127.0.0.1:8000/
+    curl -F image=@photo.jpg http://127.0.0.1:8000/v1/captions
+    curl -F image=@a.jpg -F image=@b.jpg 'http://127.0.0.1:8000/v1/captions?attention=1'
+    curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' http://127.0.0.1:8000/v1/captions
+    curl http://127.0.0.1:8000/metrics
+
+Concurrent requests are captioned together: up to --max-batch images in one beam search, waiting at most
+--max-wait-ms for company (export/batcher.py). The server binds 127.0.0.1 unless --host says otherwise; SIGTERM
+or Ctrl-C stops taking connections, finishes the requests in flight, then exits. Routes: export/serve_app.py;
+what clients may send and the error statuses: export/serve_inputs.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+
+from core.logs import add_verbosity_args, get_logger, setup_logging
+from export.serve_app import ServeConfig, create_app
+
+log = get_logger("serve")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServeConfig()
+    p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", "--checkpoint", dest="model", type=Path, default=d.model,
+                   help="export directory (default exported/); for --backend eager also a checkpoint .pt")
+    p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default=d.backend, help="runtime (default ort)")
+    p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=d.port, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--beam-size", "--beam", type=_positive(int), default=d.beam_size, help="beam size (default 3)")
+    p.add_argument("--max-decode-len", type=_positive(int), default=None, help="longest caption (default: the model's)")
+    p.add_argument("--threads", type=_positive(int), default=d.threads, help="inference threads (default: runtime's)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where the model runs")
+    p.add_argument("--max-batch", type=_positive(int), default=d.max_batch, help="images per batch (default 16)")
+    p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                   help="longest wait for more images once one is queued (default 10)")
+    p.add_argument("--queue-size", type=_positive(int), default=d.queue_size,
+                   help="images allowed to wait; more are answered 503 + Retry-After (default 256)")
+    p.add_argument("--timeout-s", type=_positive(float), default=d.timeout_s, help="per request; then 504 (default 30)")
+    p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="request body limit (default 20)")
+    p.add_argument("--max-images", type=_positive(int), default=d.max_images, help="images per request (default 16)")
+    p.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
+                   help="largest width x height decoded (default core.images.MAX_PIXELS)")
+    p.add_argument("--decode-threads", type=_positive(int), default=d.decode_threads,
+                   help="threads decoding uploads (default 2)")
+    p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
+    p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    add_verbosity_args(p)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms:g}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
+    return ServeConfig(**values, verify=not args.no_verify)
+
+
+def load_captioner(cfg: ServeConfig):
+    from export.runtime import Captioner, load_backend
+
+    device = None if cfg.device == "auto" else cfg.device
+    backend = load_backend(cfg.backend, cfg.model, threads=cfg.threads, device=device, verify=cfg.verify)
+    return Captioner(backend, beam_size=cfg.beam_size, max_len=cfg.max_decode_len)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts, so port 0 is resolved and said in the log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(cfg: ServeConfig, captioner) -> None:
+    import uvicorn
+
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(captioner, cfg)
+    config = uvicorn.Config(app, log_level="warning", access_log=cfg.access_log, lifespan="on",
+                            timeout_graceful_shutdown=cfg.timeout_s + 5)
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    log.info("%s, beam %d, batches of up to %d (wait <= %g ms); serving on %s", captioner.backend.describe(),
+             cfg.beam_size, cfg.max_batch, cfg.max_wait_ms, url)
+    print(f"serving on {url}", file=sys.stderr, flush=True)  # the line tests and scripts wait for
+    asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
+    log.info("stopped: requests in flight finished")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("serve", args.verbose - args.quiet)
+    from core.checkpoint import CheckpointError
+    from export.runtime import ExportFormatError
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        captioner = load_captioner(cfg)
+    except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+    try:
+        serve(cfg, captioner)
+    except OSError as e:
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The FastAPI app of the caption server: routes, dynamic batching of the beam search, metrics, the web page.
+
+    app = create_app(captioner, ServeConfig(model=Path("exported")))   # served by export/serve.py (uvicorn)
+
+    POST /v1/captions[?attention=1]  multipart 'image' file fields, or one raw image body -> {"results": [...]}
+    GET  /                           the web page (export/static/index.html, self-contained)
+    GET  /healthz  GET /v1/model  GET /metrics
+
+Every image of every concurrent request goes through one DynamicBatcher (export/batcher.py) whose worker thread
+runs ``Captioner.caption_tensors`` on up to ``max_batch`` images at once: the same beam search, on the same
+preprocessed tensors, as ``python -m export.caption``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from core.decode import Hypothesis
+from core.images import MAX_PIXELS
+from export.batcher import BatcherConfig, DynamicBatcher, QueueFull, Stopped
+from export.captioner import Captioner
+from export.serve_inputs import Problem, decode_uploads, read_uploads
+from export.serve_metrics import ServeMetrics
+
+STATIC = Path(__file__).resolve().parent / "static"
+# The page runs only its own inline script and style and sends only to this server: nothing from the network.
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
+            "connect-src 'self'; form-action 'none'; base-uri 'none'")
+ENDPOINTS = ("/", "/healthz", "/v1/model", "/v1/captions", "/metrics")
+
+
+@dataclass
+class ServeConfig:
+    model: Path = Path("exported")
+    backend: str = "ort"  # ort | torchscript | eager
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000  # 0: any free port (the log line says which)
+    beam_size: int = 3
+    max_decode_len: int | None = None  # None: the model's recorded one
+    threads: int | None = None  # inference threads (ORT intra-op / torch); None: the runtime's default
+    device: str = "auto"
+    max_batch: int = 16
+    max_wait_ms: float = 10.0
+    queue_size: int = 256  # images waiting; more get 503 + Retry-After
+    timeout_s: float = 30.0  # per request: 504 after this
+    max_body_mb: float = 20.0
+    max_images: int = 16  # per request
+    max_pixels: int = MAX_PIXELS
+    decode_threads: int = 2  # image decoding, off the event loop
+    verify: bool = True
+    access_log: bool = False
+
+    @property
+    def batcher(self) -> BatcherConfig:
+        return BatcherConfig(self.max_batch, self.max_wait_ms, self.queue_size)
+
+
+def hypothesis_json(captioner: Captioner, hyp: Hypothesis, attention: bool) -> dict[str, Any]:
+    """One image's result: the caption as export.caption prints it, its score, words and ids, maybe attention."""
+    words = captioner.vocab.decode_tokens(hyp.tokens)
+    out: dict[str, Any] = {"caption": " ".join(words), "score": round(float(hyp.score), 6), "tokens": words,
+                           "token_ids": [int(t) for t in hyp.tokens]}
+    if attention:
+        alphas = hyp.alphas[: len(words)].float()  # (words, P)
+        side = int(round(math.sqrt(alphas.shape[1]))) if alphas.numel() else 0
+        out["attention"] = {"grid": [side, side],
+                            "maps": [[round(float(a), 5) for a in row] for row in alphas.tolist()]}
+    return out
+
+
+def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
+    """GET /v1/model: what the manifest says, and how this server runs it."""
+    backend = captioner.backend
+    manifest = backend.manifest or {}
+    files = getattr(backend, "files", None)
+    precision = "fp32"
+    if files and "int8" in files[1]:
+        precision = "int8 decoder step"
+    elif files and "fp16" in files[1]:
+        precision = "fp16"
+    providers = list(getattr(backend, "providers", None) or [str(backend.device)])
+    return {"model": str(cfg.model), "backend": backend.name, "describe": backend.describe(),
+            "providers": providers, "precision": precision, "dims": manifest.get("dims", {}),
+            "vocab_size": len(captioner.vocab), "image_size": backend.image_size,
+            "preprocess": manifest.get("preprocess", backend.preprocess), "created": manifest.get("created"),
+            "decode": {"beam_size": captioner.beam_size, "max_len": captioner.max_len,
+                       "length_norm": captioner.length_norm, "search": captioner.search},
+            "batching": asdict(cfg.batcher), "limits": {"max_body_mb": cfg.max_body_mb,
+                                                        "max_images": cfg.max_images, "max_pixels": cfg.max_pixels,
+                                                        "timeout_s": cfg.timeout_s}}
+
+
+class StatusMetrics:
+    """Pure ASGI middleware: every HTTP response counted by status, timed by endpoint (no body buffering)."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [500]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+            self.metrics.requests.labels(str(status[0])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)
+
+
+class CaptionService:
+    """The batcher, the decode pool and the caption call of one app."""
+
+    def __init__(self, captioner: Captioner, cfg: ServeConfig, metrics: ServeMetrics):
+        self.captioner, self.cfg, self.metrics = captioner, cfg, metrics
+        self.batcher = DynamicBatcher(self._run_batch, cfg.batcher, metrics.on_batch, metrics.on_depth)
+        self.decode_pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
+
+    def _run_batch(self, images: list[torch.Tensor]) -> list[Hypothesis]:
+        with torch.inference_mode():
+            return self.captioner.caption_tensors(torch.stack(images))  # (N, 3, S, S) -> N hypotheses
+
+    async def caption(self, request: Request, attention: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        uploads = await read_uploads(request, int(cfg.max_body_mb * 2**20), cfg.max_images)
+        loop = asyncio.get_running_loop()
+        images = await loop.run_in_executor(self.decode_pool, decode_uploads, uploads, self.captioner.transform,
+                                            cfg.max_pixels)
+        if self.batcher.depth + len(images) > cfg.queue_size:
+            raise self._busy(f"{self.batcher.depth} images are waiting (--queue-size {cfg.queue_size})")
+        try:
+            hyps = await asyncio.gather(*(self.batcher.submit(x, cfg.timeout_s) for x in images))
+        except QueueFull as e:
+            raise self._busy(str(e)) from None
+        except Stopped as e:
+            raise Problem(503, str(e)) from None
+        except asyncio.TimeoutError:
+            raise Problem(504, f"not captioned within {cfg.timeout_s:g} s (--timeout-s); the server is overloaded") \
+                from None
+        return {"results": [hypothesis_json(self.captioner, h, attention) for h in hyps]}
+
+    def _busy(self, why: str) -> Problem:
+        retry = max(1, math.ceil(self.cfg.max_wait_ms / 1000 + self.batcher.depth / max(self.cfg.max_batch, 1)))
+        return Problem(503, f"server busy: {why}; retry later", {"Retry-After": str(retry)})
+
+
+def _routes(app: FastAPI, service: CaptionService, info: dict[str, Any], page: str) -> None:
+    @app.get("/", response_class=HTMLResponse)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": PAGE_CSP, "Cache-Control": "no-store"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "queue_depth": service.batcher.depth}
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        return info
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    @app.post("/v1/captions")
+    async def captions(request: Request, attention: bool = False) -> dict[str, Any]:
+        return await service.caption(request, attention)
+
+
+def create_app(captioner: Captioner, cfg: ServeConfig) -> FastAPI:
+    metrics = ServeMetrics()
+    service = CaptionService(captioner, cfg, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.batcher.start()
+        yield
+        await service.batcher.stop()  # after uvicorn has let in-flight requests finish (SIGTERM drain)
+        service.decode_pool.shutdown(wait=True)
+
+    app = FastAPI(title="Show, Attend and Tell captions", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)  # the docs pages load scripts from a CDN: off
+
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem) -> JSONResponse:
+        return JSONResponse({"error": exc.detail, "status": exc.status}, exc.status, headers=exc.headers)
+
+    _routes(app, service, model_info(captioner, cfg), (STATIC / "index.html").read_text(encoding="utf-8"))
+    app.add_middleware(StatusMetrics, metrics=metrics)
+    app.state.service = service
+    return app

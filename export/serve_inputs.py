@@ -1,0 +1,121 @@
+"""What a client sends to POST /v1/captions, turned into model inputs or a clear HTTP error.
+
+Accepted: multipart/form-data with one or more file fields named ``image`` (``curl -F image=@a.jpg``), or one
+raw image as the body (``Content-Type: image/jpeg`` etc., or ``application/octet-stream``). The bytes only ever
+go to core.images (the toolkit's one loader: formats judged by content, pixel limit checked from the header
+before any decode); nothing a client sends is taken as a path, and nothing is unpickled.
+
+Statuses: 413 body over the limit or too many images, 415 a media type that is not an image (by header, or by
+content: a GIF, a PDF), 422 no image field, bytes that are no image, an undecodable/truncated image, a decompression bomb or an image over
+the pixel limit; the message names the image (its field index and file name) and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+from torch import Tensor
+
+from core.images import ImageLoadError, load_image_bytes
+
+RAW_TYPES = frozenset({"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/x-ms-bmp",
+                       "image/tiff", "application/octet-stream"})
+FIELD = "image"
+# the core.images kind of a known format we do not take (GIF, PDF, ...), as opposed to a broken image
+_UNSUPPORTED_KINDS = frozenset({"unsupported-format"})
+
+
+class Problem(Exception):
+    """An HTTP error for the client: status, a message naming the problem, optional headers."""
+
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+@dataclass
+class Upload:
+    name: str  # for messages: "image 2 (cat.jpg)"
+    data: bytes
+
+
+def _media_type(value: str | None) -> str:
+    return (value or "").split(";")[0].strip().lower()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Problem(413, f"body of {int(declared)} bytes is over the limit of {limit} bytes (--max-body-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"body is over the limit of {limit} bytes (--max-body-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _multipart(request: Request, body: bytes, max_images: int) -> list[Upload]:
+    parser = MultiPartParser(request.headers, _once(body), max_files=max_images, max_fields=100,
+                             max_part_size=max(len(body), 1))
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        status = 413 if "Too many files" in str(e) else 400
+        raise Problem(status, f"multipart body: {e}") from None
+    uploads = []
+    try:
+        for i, value in enumerate(form.getlist(FIELD), 1):
+            if not isinstance(value, UploadFile):
+                raise Problem(415, f"image {i}: the '{FIELD}' field must be a file upload (curl -F {FIELD}=@FILE)")
+            label = f"image {i} ({value.filename})" if value.filename else f"image {i}"
+            kind = _media_type(value.content_type)
+            if kind and not (kind.startswith("image/") or kind == "application/octet-stream"):
+                raise Problem(415, f"{label}: media type {kind} is not an image")
+            uploads.append(Upload(label, await value.read()))
+    finally:
+        await form.close()
+    return uploads
+
+
+async def read_uploads(request: Request, limit: int, max_images: int) -> list[Upload]:
+    """The images of a request (see the module docstring), or a Problem."""
+    kind = _media_type(request.headers.get("content-type"))
+    if kind == "multipart/form-data":
+        uploads = await _multipart(request, await read_body(request, limit), max_images)
+    elif kind in RAW_TYPES:
+        uploads = [Upload("image 1 (request body)", await read_body(request, limit))]
+    else:
+        raise Problem(415, f"content type {kind or '(none)'} is not accepted: send multipart/form-data with "
+                           f"'{FIELD}' file fields, or one image body ({', '.join(sorted(RAW_TYPES))})")
+    if not uploads:
+        raise Problem(422, f"no '{FIELD}' field in the form: send the image as -F {FIELD}=@FILE")
+    if len(uploads) > max_images:
+        raise Problem(413, f"{len(uploads)} images in one request; at most {max_images} (--max-images)")
+    return uploads
+
+
+def decode_uploads(uploads: list[Upload], transform: Callable, max_pixels: int) -> list[Tensor]:
+    """Each upload through core.images and the model's transform -> [3,S,S]; the first bad one is the error.
+
+    Runs in a worker thread (decoding is CPU work the event loop must not wait on)."""
+    out = []
+    for u in uploads:
+        try:
+            out.append(transform(load_image_bytes(u.data, u.name, max_pixels=max_pixels)))
+        except ImageLoadError as e:
+            status = 415 if e.kind in _UNSUPPORTED_KINDS else 422
+            raise Problem(status, f"{u.name}: {e.kind}: {e.detail}") from None
+    return out
