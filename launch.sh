@@ -23,6 +23,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   check DATA_DIR   scan a dataset for bad images and caption lines (python -m core.data check)
   synth [ARGS]     python -m core.synthetic ARGS
   bench [ARGS]     python bench/report.py ARGS (benchmarks, markdown table, chart)
+  serve [ARGS]     python -m export.serve ARGS (HTTP captions with dynamic batching, web page at /)
+  bench-serve [ARGS]  python bench/serve_load.py ARGS (concurrent clients: dynamic batching vs --max-batch 1)
   doctor           what this machine can do (CPU ISA, bf16, VNNI, GPUs, DALI, ONNX Runtime CUDA) and what the
                    toolkit chooses from it (training precision, captioning path, int8 format, DALI decoder)
   gpu-check        with an NVIDIA GPU: gpu tests, torchrun NCCL+DALI+AMP training, --fp16 export, ORT CUDA parity,
@@ -106,6 +108,8 @@ case "$cmd" in
     check) setup; exec "$PY" -m core.data check "$@" ;;
     synth) setup; exec "$PY" -m core.synthetic "$@" ;;
     bench) setup; exec "$PY" bench/report.py "$@" ;;
+    serve) setup; exec "$PY" -m export.serve "$@" ;;
+    bench-serve) setup; exec "$PY" bench/serve_load.py "$@" ;;
     doctor) setup; exec "$PY" -m distributed.doctor "$@" ;;
     demo) setup; demo "$@" ;;
     gpu-check) [[ -x "$PY" ]] || PY=python3; exec "$PY" -m tools.gpu_check "$@" ;;  # no setup: offline GPU machine
