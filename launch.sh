@@ -17,7 +17,8 @@ usage: ./launch.sh COMMAND [ARGS...]
   setup            create .venv and install the toolkit with its dev extras (idempotent)
   test [ARGS]      run the test suite (pytest tests/; ARGS go to pytest, e.g. -m "not slow")
   demo             the main job end to end on synthetic data: generate, train (2 CPU processes), export, caption
-  train [ARGS]     torchrun distributed/train.py with NPROC processes (default: #GPUs, else 2); ARGS pass through
+  train [ARGS]     torchrun distributed/train.py with NPROC processes (default: #GPUs, else 2); ARGS pass through;
+                   one node, its rendezvous stores listening on 127.0.0.1 only (distributed/localrun.py)
   export [ARGS]    python export/to_onnx.py ARGS
   caption [ARGS]   python -m export.caption ARGS
   check DATA_DIR   scan a dataset for bad images and caption lines (python -m core.data check)
@@ -72,7 +73,8 @@ demo() {
         "$PY" -m core.synthetic "$dir/data" --images 6000 --seed 1
     fi
     t1=$(date +%s.%N)
-    "$VENV/bin/torchrun" --standalone --nproc_per_node="$nproc" distributed/train.py \
+    # distributed.localrun: torchrun with its stores on 127.0.0.1 (--standalone listens on every interface)
+    "$PY" -m distributed.localrun --nproc_per_node="$nproc" distributed/train.py \
         --data "$dir/data" --out "$dir/run" --preset demo "$@"
     t2=$(date +%s.%N)
     "$PY" export/to_onnx.py --checkpoint "$dir/run/best.pt" --out "$dir/exported"
@@ -101,7 +103,7 @@ case "$cmd" in
     train)
         setup
         NPROC="${NPROC:-$(nproc_default)}"
-        exec "$VENV/bin/torchrun" --standalone --nproc_per_node="$NPROC" distributed/train.py "$@"
+        exec "$PY" -m distributed.localrun --nproc_per_node="$NPROC" distributed/train.py "$@"  # loopback only
         ;;
     export) setup; exec "$PY" export/to_onnx.py "$@" ;;
     caption) setup; exec "$PY" -m export.caption "$@" ;;

@@ -1,0 +1,88 @@
+"""Single-node training listens on loopback only: the sockets of a real short launch, listed with ``ss -ltnp``.
+
+``torchrun --standalone`` listens on every interface (its TCPStore server binds the wildcard address); the
+launcher behind ``./launch.sh train`` and ``demo`` (distributed/localrun.py) binds the agent's stores to 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")]
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, grew = {root}, True
+    while grew:
+        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree |= new
+        grew = bool(new)
+    return tree
+
+
+def _listening(pids: set[int]) -> set[str]:
+    """Local addresses (host:port) of TCP sockets in LISTEN state owned by ``pids``."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    found = set()
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            found.add(line.split()[3])
+    return found
+
+
+def _listen_during(cmd: list[str], env: dict, seconds: float) -> tuple[set[str], subprocess.CompletedProcess]:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: set[str] = set()
+    deadline = time.monotonic() + seconds
+    while proc.poll() is None and time.monotonic() < deadline:
+        seen |= _listening(_descendants(proc.pid))
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=240)
+    return seen, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host == "::1" or host.startswith("127.")
+
+
+def test_single_node_training_listens_on_loopback_only(synthetic_data, tmp_path):
+    cmd = [sys.executable, "-m", "distributed.localrun", "--nproc_per_node=2", "distributed/train.py",
+           "--data", str(synthetic_data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--threads", "1",
+           "--no-progress", "--epochs", "1", "--no-final-eval", "--val-max-images", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    seen, r = _listen_during(cmd, env, seconds=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert seen, "no listening socket seen: the launch ended before the first listing"
+    assert all(_is_loopback(a) for a in seen), f"listening beyond loopback: {sorted(seen)}"
+
+
+def test_launch_sh_uses_the_loopback_launcher_for_train_and_demo():
+    text = (REPO / "launch.sh").read_text()
+    assert "torchrun\" --standalone" not in text
+    assert text.count("-m distributed.localrun") == 2
+
+
+def test_rendezvous_flags_are_refused_by_the_loopback_launcher():
+    r = subprocess.run([sys.executable, "-m", "distributed.localrun", "--rdzv-endpoint=0.0.0.0:29500",
+                        "--nproc_per_node=1", "x.py"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "is fixed here" in r.stderr and "Traceback" not in r.stderr
