@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="Flickr8k-layout dataset: caption images of --split")
     p.add_argument("--split", default="test", help="split of --data (default test)")
     p.add_argument("--limit", type=positive_int, default=None, help="caption at most this many images of --data")
+    p.add_argument("--results-json", type=Path, default=None,
+                   help="with --data: write the captions as COCO results [{image_id, caption}] for core.evaluate")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
     p.add_argument("--progress-every", type=positive_int, default=100,
                    help="without a terminal: a progress line every N images (default 100)")
@@ -120,8 +122,8 @@ def read_file_list(path: Path) -> list[str]:
     return out
 
 
-def dataset_inputs(data_dir: Path, split: str, limit: int | None) -> dict[str, list[list[str]]]:
-    """{image path: tokenized reference captions} for the first ``limit`` images of a split."""
+def dataset_inputs(data_dir: Path, split: str, limit: int | None) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
+    """{image path: tokenized reference captions} for the first ``limit`` images of a split, {path: image name}."""
     from core.data import load_flickr8k
     from core.splits import SPLIT_NAMES
     from core.vocab import tokenize
@@ -129,13 +131,16 @@ def dataset_inputs(data_dir: Path, split: str, limit: int | None) -> dict[str, l
     if split not in SPLIT_NAMES:
         raise InputError(f"{data_dir} has no split {split}; choose from {', '.join(SPLIT_NAMES)}")
     data = load_flickr8k(data_dir)
-    return {str(data.image_path(n)): [tokenize(c) for c in data.captions[n]] for n in data.splits[split][:limit]}
+    names = data.splits[split][:limit]
+    return ({str(data.image_path(n)): [tokenize(c) for c in data.captions[n]] for n in names},
+            {str(data.image_path(n)): n for n in names})
 
 
 @dataclass
 class Inputs:
     paths: list[Path] = field(default_factory=list)
     references: dict[str, list[list[str]]] = field(default_factory=dict)
+    image_ids: dict[str, str] = field(default_factory=dict)  # --data images: path -> name in the dataset
     errors: list[str] = field(default_factory=list)  # inputs that are not captioned, each counted as failed
 
 
@@ -148,7 +153,7 @@ def gather_inputs(args: argparse.Namespace) -> Inputs:
         if args.file_list:
             items += read_file_list(args.file_list)
         if args.data:
-            found.references = dataset_inputs(args.data, args.split, args.limit)
+            found.references, found.image_ids = dataset_inputs(args.data, args.split, args.limit)
     except OSError as e:
         raise InputError(f"{e.filename}: {e.strerror or e}") from e
     except (DataFormatError, DatasetNotFoundError) as e:
@@ -248,6 +253,7 @@ class Tally:
     failed: int = 0
     hyps: list[list[str]] = field(default_factory=list)  # captions of the --data images, for the metrics
     refs: list[list[list[str]]] = field(default_factory=list)
+    results: list[dict] = field(default_factory=list)  # COCO results of the --data images
 
 
 def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
@@ -268,6 +274,7 @@ def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
             if r.path in inputs.references:
                 tally.hyps.append(r.words)
                 tally.refs.append(inputs.references[r.path])
+                tally.results.append({"image_id": inputs.image_ids[r.path], "caption": r.caption})
             if args.save_dir:
                 try:
                     save_figures(r, args.save_dir, used)
@@ -302,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        if args.results_json and not args.data:
+            raise InputError("--results-json needs --data DIR (the image ids are the dataset's names)")
         inputs = gather_inputs(args)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -318,6 +327,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     tally = caption_all(args, captioner, inputs)
     log.info("%s", summary(args, tally, time.perf_counter() - t0))
+    if args.results_json:
+        from core.fileio import atomic_write_text
+
+        atomic_write_text(args.results_json, json.dumps(tally.results, indent=0) + "\n")
+        log.info("results of %d images in %s: python -m core.evaluate %s --data %s --split %s", len(tally.results),
+                 args.results_json, args.results_json, args.data, args.split)
     return 1 if tally.failed else 0
 
 
