@@ -9,7 +9,7 @@ VNNI / AMX, the cores this process may use, each CUDA GPU with its compute capab
 ONNX Runtime's CUDA provider really starts a session (the GPU build lists it even where no GPU exists).
 
 Choices are pure functions of a :class:`Hardware` (tests build fake ones): training precision (``choose_amp``),
-the int8 weight format (``choose_int8``), the captioning path (``choose_caption_path``) and the DALI decoder device
+the int8 weight format (``choose_int8``), the caption precision (``choose_precision``), the captioning path (``choose_caption_path``) and the DALI decoder device
 (``choose_dali_device``). Each returns a :class:`Choice` whose ``reason`` is logged in one line by the command that
 uses it. Why it matters: without native bf16, bf16 autocast on a CPU is emulated and about 30x slower than fp32
 (ResNet-18 forward measured on an AVX2-only AMD EPYC), and ONNX Runtime's u8s8 int8 kernels without VNNI use
@@ -208,16 +208,71 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-def choose_int8(hw: Hardware) -> Choice:
-    """Weight range of int8 exports: 7-bit (``reduce_range``) wherever the file might run without VNNI.
+INT8_FORMATS = ("u8s8", "reduce_range")  # full-range int8 weights (VNNI), 7-bit weights (any x86 CPU)
+PRECISIONS = ("auto", "fp32", "int8", "bf16")
 
-    Without VNNI, ONNX Runtime's u8s8 kernels sum pairs of u8 x s8 products in 16 bits (VPMADDUBSW), which saturates
-    with full-range weights and changes captions. An exported file can run on another machine than the one that made
-    it, so the portable format is the default on every machine; the value is recorded in the manifest.
+
+def choose_int8(hw: Hardware, portable: bool = False) -> Choice:
+    """Weight range of int8 exports, from the instruction set of the exporting CPU.
+
+    With VNNI (AVX512-VNNI, AVX-VNNI, AMX) ONNX Runtime's u8s8 kernels sum int8 products in 32 bits: full-range
+    weights ("u8s8") are exact and the most accurate. Without VNNI the kernels use VPMADDUBSW, whose 16-bit pair
+    sums saturate with full-range weights, so 7-bit weights ("reduce_range") are used. ``portable`` asks for 7-bit
+    weights everywhere (a file made on a VNNI machine that must run on older CPUs). The runtime never picks a
+    "u8s8" file by itself on a CPU without VNNI (``choose_precision``).
     """
-    where = "this CPU has VNNI" if hw.cpu.vnni else "this CPU has no VNNI"
-    return Choice("reduce_range", f"int8 weights in 7 bits (reduce_range): exact without VNNI, the file may run on "
-                                  f"any x86 CPU ({where})")
+    if portable:
+        return Choice("reduce_range", "int8 weights in 7 bits (reduce_range, --int8-portable): exact on any x86 CPU")
+    if hw.cpu.vnni:
+        return Choice("u8s8", "full-range int8 weights (u8 activations x s8 weights): this CPU has VNNI, whose "
+                              "32-bit int8 dot products do not saturate; CPUs without VNNI will not pick this file")
+    return Choice("reduce_range", "int8 weights in 7 bits (reduce_range): this CPU has no VNNI, and VPMADDUBSW's "
+                                  "16-bit sums saturate with full-range weights")
+
+
+def int8_runs_natively(hw: Hardware, weight_format: str | None) -> tuple[bool, str]:
+    """Whether an int8 file of ``weight_format`` computes exactly (no saturation) on this CPU, and why."""
+    if weight_format == "reduce_range":
+        return True, "7-bit int8 weights run exactly on any x86 CPU"
+    if weight_format == "u8s8":
+        return (True, "full-range int8 weights, and this CPU has VNNI") if hw.cpu.vnni else (
+            False, "full-range int8 weights saturate without VNNI (this CPU has none)")
+    return False, f"unknown int8 weight format {weight_format!r}"
+
+
+def choose_precision(requested: str, hw: Hardware, int8: dict[str, Any] | None, device: str = "cpu") -> Choice:
+    """Encoder/step precision of the ONNX Runtime caption path: fp32, int8 (int8 encoder + int8 step) or bf16.
+
+    ``int8``: the export's int8 record, ``{"validated": bool, "weight_format": str, "why": str}`` (None: the export
+    has no int8 encoder). auto takes int8 only where the export validated it against fp32 (caption agreement and
+    BLEU-4) and this CPU runs its format natively; bf16 (an eager bf16 encoder) is never chosen by auto: the export
+    does not validate it. Explicit requests are honoured, with a warning where they are slow or unvalidated.
+    """
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {requested!r}")
+    native, why_native = int8_runs_natively(hw, (int8 or {}).get("weight_format"))
+    if requested == "fp32":
+        return Choice("fp32", "--precision fp32")
+    if requested == "bf16":
+        warn = None if hw.cpu.native_bf16 or device == "cuda" else (
+            f"--precision bf16 on a CPU without native bf16 ({hw.cpu.capability}): emulated, about 30x slower")
+        return Choice("bf16", "--precision bf16: eager bf16 encoder, fp32 ONNX step", warning=warn)
+    if requested == "int8":
+        problems = [] if int8 else ["the export has no int8 encoder (export with --quantize int8)"]
+        if int8 and not int8.get("validated"):
+            problems.append(f"it did not pass the export's caption check ({int8.get('why', 'not validated')})")
+        if int8 and not native:
+            problems.append(why_native)
+        return Choice("int8", "--precision int8", warning="; ".join(problems) or None)
+    if device == "cuda":
+        return Choice("fp32", "auto on CUDA: fp32 graphs (int8 graphs are CPU kernels)")
+    if not int8:
+        return Choice("fp32", "auto: the export has no int8 encoder (export with --quantize int8)")
+    if not int8.get("validated"):
+        return Choice("fp32", f"auto: the int8 path did not pass the export's caption check ({int8.get('why')})")
+    if not native:
+        return Choice("fp32", f"auto: {why_native}")
+    return Choice("int8", f"auto: int8 encoder + int8 step, validated by the export ({int8.get('why')}); {why_native}")
 
 
 def choose_caption_path(hw: Hardware, device: str = "auto") -> Choice:

@@ -31,6 +31,7 @@ from core.decode import Encoded
 from core.vocab import Vocabulary
 from export.manifest import (
     ENCODER_FP16_ONNX,
+    ENCODER_INT8_ONNX,
     ENCODER_ONNX,
     ENCODER_OUTPUTS,
     ENCODER_TS,
@@ -150,7 +151,9 @@ def _session_options(ort, threads: int | None):
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime sessions for encoder.onnx and decoder_step.onnx (or its int8 / fp16 variant).
+    """ONNX Runtime sessions for encoder.onnx and decoder_step.onnx (or their int8 / fp16 variants).
+
+    int8: the int8 decoder step; int8_encoder: the int8 encoder (both: ``--precision int8``).
 
     providers: None (CUDA then CPU where core.hardware says ORT's CUDA provider works, else CPU), or explicit
     names/aliases ("cuda", "cpu"); an explicitly requested CUDA provider that cannot run is an error, never a
@@ -162,7 +165,7 @@ class OrtBackend(Backend):
 
     def __init__(self, export_dir: str | os.PathLike, providers: Sequence[str] | str | None = None,
                  threads: int | None = None, int8: bool = False, fp16: bool = False, verify: bool = True,
-                 device_id: int = 0):
+                 device_id: int = 0, int8_encoder: bool = False):
         import onnxruntime as ort
 
         self._ort = ort
@@ -170,7 +173,7 @@ class OrtBackend(Backend):
         self.manifest = read_manifest(self.export_dir)
         self.preprocess = self.manifest["preprocess"]
         self.vocab = _load_vocab(self.export_dir, self.manifest, verify)
-        self.files = self._graph_files(int8, fp16)
+        self.files = self._graph_files(int8, fp16, int8_encoder)
         names, required_cuda = resolve_providers(providers)
         if fp16 and CUDA_EP not in names:
             raise RuntimeError("the fp16 graphs need the CUDA provider (no GPU visible or providers=['cpu'])")
@@ -193,13 +196,14 @@ class OrtBackend(Backend):
         self._c, self._a = dims["encoder_dim"], dims["attention_dim"]
         log.debug("%s", self.describe())
 
-    def _graph_files(self, int8: bool, fp16: bool) -> tuple[str, str]:
-        if int8 and fp16:
+    def _graph_files(self, int8: bool, fp16: bool, int8_encoder: bool = False) -> tuple[str, str]:
+        if (int8 or int8_encoder) and fp16:
             raise ValueError("choose int8 or fp16, not both")
-        encoder_file = ENCODER_FP16_ONNX if fp16 else ENCODER_ONNX
+        encoder_file = ENCODER_FP16_ONNX if fp16 else ENCODER_INT8_ONNX if int8_encoder else ENCODER_ONNX
         step_file = STEP_INT8_ONNX if int8 else STEP_FP16_ONNX if fp16 else STEP_ONNX
-        for f, flag in ((step_file, "--quantize int8" if int8 else "--fp16"), (encoder_file, "--fp16")):
-            if f not in self.manifest["files"] and (int8 or fp16):
+        for f, flag in ((step_file, "--quantize int8" if int8 else "--fp16"),
+                        (encoder_file, "--quantize int8" if int8_encoder else "--fp16")):
+            if f not in self.manifest["files"] and (int8 or fp16 or int8_encoder):
                 raise ExportFormatError(f"{self.export_dir} has no {f}: export with {flag} to use it")
         return encoder_file, step_file
 
@@ -226,6 +230,7 @@ class OrtBackend(Backend):
 
     def describe(self) -> str:
         variant = {STEP_INT8_ONNX: " int8 step", STEP_FP16_ONNX: " fp16"}.get(self.files[1], "")
+        variant = " int8 encoder +" + variant if self.files[0] == ENCODER_INT8_ONNX else variant
         threads = f", {self.threads} intra-op threads" if self.threads else ""
         io = ", IO binding" if self.on_cuda else ""
         return f"ort{variant} on {self.providers[0]}{threads}{io} ({self.export_dir})"

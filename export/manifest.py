@@ -12,6 +12,7 @@ An export directory holds::
     encoder.onnx           images [N,3,S,S] -> enc_out [N,P,C], enc_att [N,P,A], h [N,D], c [N,D]
     decoder_step.onnx      words [M], h [M,D], c [M,D], enc_out [N,P,C], enc_att [N,P,A] -> logprobs [M,V], h, c, alpha [M,P]
     decoder_step.int8.onnx (--quantize int8) dynamic int8 quantization of the step
+    encoder.int8.onnx      (--quantize int8) static int8 (QDQ) quantization of the encoder, calibrated on images
     encoder.fp16.onnx, decoder_step.fp16.onnx  (--fp16, CUDA only) float32 interface, float16 inside
     encoder.ts, decoder_step.ts                (--torchscript) TorchScript traces of the same two graphs
     model.safetensors, model.json              weights + config for the eager backend (no pickle)
@@ -37,6 +38,7 @@ VOCAB = "vocab.json"
 ENCODER_ONNX = "encoder.onnx"
 STEP_ONNX = "decoder_step.onnx"
 STEP_INT8_ONNX = "decoder_step.int8.onnx"
+ENCODER_INT8_ONNX = "encoder.int8.onnx"
 ENCODER_FP16_ONNX = "encoder.fp16.onnx"
 STEP_FP16_ONNX = "decoder_step.fp16.onnx"
 ENCODER_TS = "encoder.ts"

@@ -1,7 +1,13 @@
-"""int8 decoder step: Gemm -> MatMul rewrite, then ONNX Runtime's dynamic quantization.
+"""int8 graphs: the encoder by static quantization (QDQ, calibrated on images), the decoder step by dynamic.
 
-    python export/to_onnx.py --checkpoint RUN/best.pt --out exported/ --quantize int8   # writes decoder_step.int8.onnx
+    python export/to_onnx.py --checkpoint RUN/best.pt --out exported/ --quantize int8
+    # writes encoder.int8.onnx and decoder_step.int8.onnx
 
+Encoder: ``quantize_static`` in QDQ format, int8 weights per output channel, uint8 activations whose ranges come
+from calibration images (the training data's); ONNX Runtime fuses the QDQ pairs into QLinearConv / QLinearAdd
+(listed in the manifest as ``ort_optimized_ops``: what really runs). Its small Linear tail (encoder_att, init_h,
+init_c) stays fp32. Step: Gemm -> MatMul rewrite, then dynamic quantization; the attention's full_att (one output
+column) and the output layer fc stay fp32: they decide the word ranking, and keeping them costs no speed.
 The weight format comes from ``core.hardware.choose_int8`` and is recorded in the manifest.
 """
 
@@ -124,6 +130,20 @@ def _weight_matmuls(model, ops: tuple[str, ...] = ("MatMul",)) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ops and n.input[1] in const]
 
 
+def _kept_float(model) -> list[str]:
+    """Weight matmuls of the step that stay fp32: fc (its weight is named after it) and full_att (one column)."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    kept = []
+    for name in _weight_matmuls(model):
+        node = next(n for n in model.graph.node if n.name == name)
+        w = inits[node.input[1]]
+        if ".fc.weight" in w.name or numpy_helper.to_array(w).shape[-1] == 1:
+            kept.append(name)
+    return kept
+
+
 def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = None) -> dict[str, Any]:
     """Dynamic int8 quantization of the decoder step: weights int8 per channel, activations uint8 per call.
 
@@ -134,9 +154,10 @@ def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = No
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     choice = choice or hardware.choose_int8(hardware.detect())
-    log.info("quantizing the decoder step to int8 (dynamic); weight format: %s", choice)
+    log.info("quantizing the decoder step to int8 (dynamic); weight format: %s", choice.value)
     model, rewritten = gemm_to_matmul(onnx.load(str(src)))
-    weight_matmuls = _weight_matmuls(model)
+    kept = _kept_float(model)
+    weight_matmuls = [n for n in _weight_matmuls(model) if n not in kept]
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "step_matmul.onnx"
         onnx.save(model, str(plain))
@@ -145,12 +166,14 @@ def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = No
             quantize_dynamic(str(plain), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls,
                              per_channel=True, weight_type=QuantType.QInt8,
                              reduce_range=choice.value == "reduce_range", extra_options={"MatMulConstBOnly": True})
+            _name_kept(dst, kept)
         finally:
             logging.getLogger().disabled = was
     info = check_onnx(dst)
-    left = _weight_matmuls(onnx.load(str(dst)), ("MatMul", "Gemm"))
+    left = [n for n in _weight_matmuls(onnx.load(str(dst)), ("MatMul", "Gemm")) if n not in kept]
     info.update(
         method="onnxruntime.quantization.quantize_dynamic (weights int8 per channel, activations uint8 dynamic)",
+        kept_float=kept,
         weight_format=choice.value,
         weight_format_reason=choice.reason,
         exported_on=hardware.capability_tag(),
@@ -162,4 +185,63 @@ def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = No
     )
     if info["quantized_matmuls"] != len(weight_matmuls) or left:
         raise ExportError(f"int8 quantization left weight matmuls in float: {left} ({info['ops']})")
+    return info
+
+
+def _name_kept(dst: Path, kept: list[str]) -> None:
+    """Check that the fp32 matmuls kept out of quantization are still there, by name (quantize_dynamic keeps names)."""
+    import onnx
+
+    names = {n.name for n in onnx.load(str(dst)).graph.node}
+    missing = [k for k in kept if k not in names]
+    if missing:
+        raise ExportError(f"int8 step: the fp32 matmuls {missing} were not kept")
+
+
+def _encoder_tail(model) -> list[str]:
+    """The encoder's Linear tail after pooling (MatMul/Gemm: encoder_att, init_h, init_c): kept fp32."""
+    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
+
+
+def quantize_encoder_int8(src: Path, dst: Path, calib_images, choice: hardware.Choice | None = None,
+                          batch: int = 8) -> dict[str, Any]:
+    """Static int8 quantization of the encoder (QDQ): per-channel int8 weights, uint8 activations calibrated
+    (MinMax) on ``calib_images`` [N,3,S,S], images of the training data, never the ones it is validated on."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    choice = choice or hardware.choose_int8(hardware.detect())
+    log.info("quantizing the encoder to int8 (static QDQ, %d calibration images); weight format: %s",
+             len(calib_images), choice.value)
+    feeds = [{"images": calib_images[i: i + batch].numpy()} for i in range(0, len(calib_images), batch)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "encoder.pre.onnx"
+        logging.getLogger().disabled, was = True, logging.getLogger().disabled  # quiet the quantizer's advice
+        try:
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            tail = _encoder_tail(onnx.load(str(pre)))
+            quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=choice.value == "reduce_range", activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=tail)
+        finally:
+            logging.getLogger().disabled = was
+    info = check_onnx(dst)
+    optimized = ort_optimized_ops(dst)
+    convs = int(check_onnx(src)["ops"].get("Conv", 0))
+    info.update(method="onnxruntime.quantization.quantize_static (QDQ; weights int8 per channel, activations uint8 "
+                       "calibrated by MinMax)", weight_format=choice.value, weight_format_reason=choice.reason,
+                exported_on=hardware.capability_tag(), calibration_images=len(calib_images), kept_float=tail,
+                ort_optimized_ops=optimized, convs=convs, int8_convs=int(optimized.get("QLinearConv", 0)))
+    if info["int8_convs"] != convs:
+        raise ExportError(f"int8 encoder: ONNX Runtime runs {info['int8_convs']} of {convs} convolutions in int8 "
+                          f"({optimized})")
     return info
