@@ -190,5 +190,7 @@ def init_weights_from(model: torch.nn.Module, vocab: Vocabulary, path: str | Pat
             else:
                 skipped.append(name)
     model.load_state_dict(state)
+    new = [w for w in vocab.itos if w not in their_vocab.stoi]
     return (f"initialized from {path}: {copied} tensors copied, {mapped} mapped by word ({len(shared)} of "
-            f"{len(vocab)} words shared), {len(skipped)} skipped{' (' + ', '.join(skipped[:3]) + ')' if skipped else ''}")
+            f"{len(vocab)} words shared), {len(skipped)} skipped{' (' + ', '.join(skipped[:3]) + ')' if skipped else ''}"
+            f"; new words with fresh rows: {', '.join(new[:10]) + (' ...' if len(new) > 10 else '') if new else 'none'}")

@@ -32,8 +32,12 @@ def _f(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
 @dataclass
 class TrainConfig:
     # ------------------------------------------------------------------ data
-    data: str = _f("Flickr8k", "dataset directory: Images/ + Flickr8k.token.txt (synthetic: ./launch.sh demo)")
-    karpathy_json: str | None = _f(None, "take captions and splits from Karpathy's dataset_flickr8k.json")
+    data: str = _f("Flickr8k", "dataset directory: Images/ + Flickr8k.token.txt, or a Flickr30k/COCO directory with "
+                               "Karpathy's dataset_*.json (see --dataset; synthetic: ./launch.sh demo)")
+    dataset: str = _f("auto", "the layout of --data: flickr8k (Images/ + Flickr8k.token.txt), flickr30k "
+                              "(dataset_flickr30k.json + flickr30k-images/), coco (dataset_coco.json + train2014/ "
+                              "val2014/); auto: from the files present", ["auto", "flickr8k", "flickr30k", "coco"])
+    karpathy_json: str | None = _f(None, "take captions and splits from this Karpathy file (dataset_*.json)")
     split_seed: int = _f(0, "seed of the random train/val/test split (when there are no official split files)")
     val_frac: float = _f(0.1, "fraction of images in val (random split)")
     test_frac: float = _f(0.1, "fraction of images in test (random split)")
@@ -94,6 +98,8 @@ class TrainConfig:
     val_max_images: int = _f(0, "score val BLEU on at most this many val images (0: all)")
     eval_batch_size: int = _f(64, "images per process per evaluation batch")
     final_eval: bool = _f(True, "at the end: test metrics, learning curve, captioned val images")
+    coco_eval: bool = _f(True, "at the end: the COCO caption metrics (pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, "
+                               "CIDEr-D, SPICE when installed) of test_results.json, the numbers papers report")
     num_examples: int = _f(4, "captioned val images with attention figures written at the end")
     # ------------------------------------------------------------------ run control
     seed: int = _f(42, "random seed (model init, sampling order, caption choice, augmentation)")
@@ -198,6 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_batch_size=16,
         max_decode_len=20,
         num_examples=1,
+        coco_eval=False,  # METEOR's Java start-up would dominate a test run; tests that need it turn it on
     ),
 }
 

@@ -7,11 +7,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from core.cocoeval import CocoEvalUnavailable
 from core.data import CaptionTable
+from core.evaluate import evaluate_captions
+from core.fileio import atomic_write_text
 from core.decode import beam_search
 from core.metrics import caption_metrics
 from core.model import CaptionModel, caption_loss
@@ -122,3 +127,25 @@ def validate(model: CaptionModel, autocast, loaders: Loaders, vocab: Vocabulary,
         if loaders.bn is not None:
             loaders.bn.close()
         return evaluate(model, loaders.val, loaders.val_table, vocab, autocast, cfg, env, cfg.val_beam_size)
+
+
+def coco_results(hypotheses: dict[int, list[int]], names: list[str], vocab: Vocabulary) -> list[dict]:
+    """COCO-format results ``[{"image_id": name, "caption": ...}]`` of the hypotheses (``{table index: ids}``)."""
+    return [{"image_id": names[i], "caption": " ".join(vocab.decode_tokens(hypotheses[i]))} for i in sorted(hypotheses)]
+
+
+def coco_test_metrics(results: list[dict], references: dict[str, list[str]], out: Path, coco: bool) -> dict[str, Any]:
+    """Rank 0 at the end of training: ``out/test_results.json``, then its COCO caption metrics (core.cocoeval).
+
+    Returns ``{"coco": {...scores, unavailable, tokenizer}}``, or the reason they were not computed.
+    """
+    path = out / "test_results.json"
+    atomic_write_text(path, json.dumps(results, indent=0) + "\n")
+    if not coco:
+        return {"coco_skipped": f"--no-coco-eval (score it with: python -m core.evaluate {path} --data DATA "
+                                f"--split test)"}
+    try:
+        scores = evaluate_captions({r["image_id"]: r["caption"] for r in results}, references)
+    except CocoEvalUnavailable as e:
+        return {"coco_skipped": str(e)}
+    return {"coco": scores.to_dict()}

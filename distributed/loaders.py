@@ -309,7 +309,7 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
 
 def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
     data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
-                         test_frac=cfg.test_frac)
+                         test_frac=cfg.test_frac, dataset=cfg.dataset)
     # DALI cannot skip a sample at run time, and ranks that skip differently hang DDP: bad images are left out
     # here, by the same file on every rank, after the split so that every other image keeps its split.
     skip_path = Path(cfg.data) / SKIP_LIST_NAME if cfg.skip_list == "auto" else Path(cfg.skip_list)

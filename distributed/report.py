@@ -47,6 +47,18 @@ def fmt_metrics(m: dict) -> str:
             f"{m['bleu4']:.3f} | CIDEr {m['cider']:.3f}")
 
 
+def fmt_coco(test: dict) -> str:
+    """The COCO caption metrics of a test report (``coco_test_metrics``), one line, or why they are missing."""
+    from core.cocoeval import LABELS, METRICS
+
+    coco = test.get("coco")
+    if not coco:
+        return f"COCO caption metrics not computed: {test.get('coco_skipped', 'no test split')}"
+    parts = [f"{LABELS[k]} {coco['scores'][k]:.4f}" for k in METRICS if k in coco["scores"]]
+    parts += [f"{LABELS[k]} unavailable ({why})" for k, why in coco["unavailable"].items()]
+    return f"test, COCO caption metrics ({coco['tokenizer']}): " + " | ".join(parts)
+
+
 def write_examples(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, names: list[str], beam_size: int,
                    max_len: int, autocast, out: Path) -> list[dict]:
     """Caption ``names`` with beam search; save captioned images, attention figures and captions.json."""

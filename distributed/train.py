@@ -47,10 +47,10 @@ from distributed.checkpoint import (Checkpointer, check_compatible, init_weights
 from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
     setup_distributed, warn0
-from distributed.evaluate import evaluate, validate
+from distributed.evaluate import coco_results, coco_test_metrics, evaluate, validate
 from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
 from distributed.optim import build_optimizer, build_scheduler, clip_gradients
-from distributed.report import fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
+from distributed.report import fmt_coco, fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
 
 
 class TrainingError(RuntimeError):
@@ -352,6 +352,10 @@ def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg
         test.update(beam_size=cfg.test_beam_size, weights=source, weights_step=weights_step, steps=state.step,
                     train_seconds=round(state.train_seconds, 1), eval_seconds=round(time.perf_counter() - t0, 1))
         print0(env, f"test ({test['images']} images, beam {cfg.test_beam_size}, {source}): {fmt_metrics(m)}")
+        if env.is_main:  # the numbers papers report: COCO caption metrics of test_results.json
+            test.update(coco_test_metrics(coco_results(m["hypotheses"], table.names, vocab), data.captions, out,
+                                          cfg.coco_eval))
+            print0(env, fmt_coco(test))
     if env.is_main:
         if test:
             atomic_write_text(out / "test_metrics.json", json.dumps(test, indent=1) + "\n")

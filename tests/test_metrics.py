@@ -1,6 +1,7 @@
 """BLEU and CIDEr-D against cases worked out by hand (the arithmetic is in the comments)."""
 
 import math
+import shutil
 
 import pytest
 from nltk.translate.bleu_score import sentence_bleu
@@ -225,3 +226,58 @@ def test_cider_d_equals_the_coco_caption_reference():
     assert cider_d_per_image(hyps, refs) == pytest.approx(list(per_image), abs=1e-6)
     assert cider_d(hyps, refs) == pytest.approx(mean, abs=1e-6)
     assert mean > 0.1  # a corpus with real matches, not a trivial zero
+
+
+# ----------------------------------------------------- the full COCO caption metrics against pycocoevalcap itself
+RAW_HYPS = ["A dog runs on the grass.", "Two children play in the water!", "a man (left) rides a bike",
+            "A red circle above a blue square", "", "a dog's ball, a dog's bone", "The cat isn't sleeping."]
+RAW_REFS = [GOLDEN_REFS[0], GOLDEN_REFS[1], GOLDEN_REFS[2], GOLDEN_REFS[3],
+            ["A cat sleeps.", "A cat is sleeping on a bed."], ["A dog plays with a ball.", "a dog"],
+            ["The cat is not asleep!", "a cat, awake, on a sofa"]]
+
+
+def _reference_coco_scores() -> tuple[dict[str, float], dict, dict]:
+    """What pycocoevalcap's COCOEvalCap.evaluate computes (its PTBTokenizer, then each scorer), SPICE left out:
+    COCOEvalCap would start SPICE's CoreNLP download, which cannot run offline."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = PTBTokenizer().tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(RAW_REFS)})
+    res = PTBTokenizer().tokenize({i: [{"caption": h}] for i, h in enumerate(RAW_HYPS)})
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"bleu{i + 1}": b for i, b in enumerate(bleu)}
+    out["meteor"] = Meteor().compute_score(gts, res)[0]
+    out["rouge_l"] = Rouge().compute_score(gts, res)[0]
+    out["cider"] = Cider().compute_score(gts, res)[0]
+    return out, gts, res
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the reference PTB tokenizer and METEOR need Java")
+def test_reported_coco_metrics_equal_pycocoevalcap():
+    """Golden test: core.cocoeval's numbers are pycocoevalcap's own (same tokens, same scorers), and our CIDEr-D
+    (core.metrics, used per epoch) equals pycocoevalcap's on the PTB tokens to 1e-6."""
+    pytest.importorskip("pycocoevalcap.bleu.bleu")
+    from core.cocoeval import coco_caption_scores
+
+    expected, gts, res = _reference_coco_scores()
+    got = coco_caption_scores(dict(enumerate(RAW_HYPS)), dict(enumerate(RAW_REFS)))
+    assert got.tokenizer.startswith("PTB")
+    for name, value in expected.items():
+        assert got.scores[name] == pytest.approx(value, abs=1e-12), name
+    assert "spice" in got.unavailable and "stanford-corenlp-3.6.0" in got.unavailable["spice"]
+    assert 0.1 < expected["cider"] and 0.05 < expected["bleu4"] < expected["bleu1"] < 1  # real matches, not zeros
+    ours = cider_d([res[i][0].split() for i in res], [[r.split() for r in gts[i]] for i in gts])
+    assert ours == pytest.approx(expected["cider"], abs=1e-6)
+
+
+def test_the_fallback_tokenizer_imitates_ptb_on_common_cases():
+    """Without Java, captions are tokenized by a Python imitation of PTB: these are PTB's outputs (checked with
+    the jar: lowercase, clitics split, brackets as -lrb-/-rrb-, punctuation dropped)."""
+    from core.cocoeval import fallback_tokenize
+
+    assert fallback_tokenize("A dog's ball, red.") == "a dog 's ball red"
+    assert fallback_tokenize("The man (left) isn't here!") == "the man -lrb- left -rrb- is n't here"
+    assert fallback_tokenize("") == ""
