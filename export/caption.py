@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (default 16)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads (ORT intra-op / torch)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
-    p.add_argument("--int8", action="store_true", help="ort: use the int8 decoder step (export --quantize int8)")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], default="auto",
+                   help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32; "
+                        "int8: int8 encoder + step (export --quantize int8); bf16: eager bf16 encoder + fp32 step")
+    p.add_argument("--int8", dest="old_int8", action="store_true", help=argparse.SUPPRESS)  # deprecated alias
     p.add_argument("--fp16", action="store_true", help="ort on CUDA: use the fp16 graphs (export --fp16)")
     p.add_argument("--json", action="store_true", help="JSON lines {file, caption, score} instead of path<TAB>caption")
     p.add_argument("--save-dir", type=Path, default=None, help="write captioned images and attention figures here")
@@ -175,8 +178,11 @@ def load_captioner(args: argparse.Namespace):
     from export.runtime import Captioner, load_backend
 
     device = None if args.device == "auto" else args.device
-    backend = load_backend(args.backend, args.model, threads=args.threads, int8=args.int8, fp16=args.fp16,
-                           device=device, verify=not args.no_verify)
+    if args.old_int8:
+        print("warning: --int8 is deprecated, use --precision int8", file=sys.stderr)
+        args.precision = "int8"
+    backend = load_backend(args.backend, args.model, threads=args.threads, fp16=args.fp16, device=device,
+                           verify=not args.no_verify, precision="fp32" if args.fp16 else args.precision)
     return Captioner(backend, beam_size=args.beam_size, max_len=args.max_decode_len, length_norm=args.length_norm,
                      search=args.search)
 
