@@ -279,7 +279,7 @@ def choose_caption_path(hw: Hardware, device: str = "auto") -> Choice:
     """ONNX Runtime provider and precision for captioning on this machine."""
     if device in ("auto", "cuda") and hw.ort_cuda:
         return Choice(("ort", "cuda", "fp32"), "ONNX Runtime CUDA provider, fp32 (IO binding)")
-    reason = "ONNX Runtime CPU provider, fp32 encoder"
+    reason = "ONNX Runtime CPU provider (precision: --precision)"
     if device == "auto" and hw.cuda and not hw.ort_cuda:
         reason += " (a GPU is visible but ONNX Runtime's CUDA provider does not start)"
     return Choice(("ort", "cpu", "fp32"), reason)

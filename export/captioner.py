@@ -12,8 +12,9 @@ says, which is core.images' eval transform.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from core.decode import Hypothesis, beam_search, check_search
+from core.hardware import cpu_cores
 from core.images import ImageLoadError, load_image
 from core.vocab import Vocabulary
 from export.backends import Backend
@@ -92,16 +94,14 @@ class Captioner:
         """One file as the model's input [3,S,S]; an unusable file raises core.images.ImageLoadError naming it."""
         return self.transform(load_image(path))
 
-    def _load_batch(self, paths: Sequence[str]) -> list[Tensor | str]:
-        out: list[Tensor | str] = []
-        for p in paths:
-            try:
-                out.append(self.load(p))
-            except ImageLoadError as e:
-                out.append(str(e))
-            except OSError as e:
-                out.append(f"{p}: {e.strerror or e}")
-        return out
+    def _load_one(self, path: str) -> Tensor | str:
+        """The model's input for one file, or the error that names it."""
+        try:
+            return self.load(path)
+        except ImageLoadError as e:
+            return str(e)
+        except OSError as e:
+            return f"{path}: {e.strerror or e}"
 
     def _results(self, chunk: list[str], loaded: list[Tensor | str], keep_alphas: bool) -> Iterator[CaptionResult]:
         good = [i for i, x in enumerate(loaded) if isinstance(x, Tensor)]
@@ -116,21 +116,32 @@ class Captioner:
             words = self.vocab.decode_tokens(hyp.tokens)
             yield CaptionResult(p, " ".join(words), words, hyp.score, hyp.alphas if keep_alphas else None)
 
-    def caption_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
-                      keep_alphas: bool = False) -> Iterator[CaptionResult]:
+    def caption_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 16, keep_alphas: bool = False,
+                      workers: int | None = None, prefetch: int = 2) -> Iterator[CaptionResult]:
         """Caption image files in order, batch_size at a time (memory flat in the number of files).
 
-        Decoding of the next batch overlaps inference on the current one (one background thread). A file that
-        is not a readable image yields a CaptionResult with ``error`` set (naming the file); the rest go on.
+        Files are decoded and resized by a pool of ``workers`` threads (default: this process's cores, at most 8;
+        PIL and torch release the GIL while they work), up to ``prefetch`` batches ahead of the one being
+        encoded and searched, so a folder of JPEGs runs at the compute rate. A file that is not a readable image
+        yields a CaptionResult with ``error`` set (naming the file); the rest go on.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caption-load") as pool:
-            it = _chunks(paths, batch_size)
-            first = next(it, None)
-            pending = (first, pool.submit(self._load_batch, first)) if first else None
-            while pending is not None:
-                chunk, future = pending
-                nxt = next(it, None)
-                pending = (nxt, pool.submit(self._load_batch, nxt)) if nxt else None
-                yield from self._results(chunk, future.result(), keep_alphas)
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        workers = workers or min(8, cpu_cores())
+        chunks = _chunks(paths, batch_size)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="caption-load") as pool:
+            pending: deque[tuple[list[str], list[Future]]] = deque()
+
+            def submit() -> None:
+                chunk = next(chunks, None)
+                if chunk:
+                    pending.append((chunk, [pool.submit(self._load_one, p) for p in chunk]))
+
+            for _ in range(prefetch + 1):  # the batch to caption now, and prefetch more behind it
+                submit()
+            while pending:
+                chunk, futures = pending.popleft()
+                submit()
+                yield from self._results(chunk, [f.result() for f in futures], keep_alphas)
