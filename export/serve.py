@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+from core import hardware
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.serve_app import ServeConfig, create_app
 
@@ -48,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", "--checkpoint", dest="model", type=Path, default=d.model,
                    help="export directory (default exported/); for --backend eager also a checkpoint .pt")
-    p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default=d.backend, help="runtime (default ort)")
+    p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default=d.backend,
+                   help="runtime (default ort)")
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--beam-size", "--beam", type=_positive(int), default=d.beam_size, help="beam size (default 3)")
     p.add_argument("--max-decode-len", type=_positive(int), default=None, help="longest caption (default: the model's)")
-    p.add_argument("--threads", type=_positive(int), default=d.threads, help="inference threads (default: runtime's)")
+    p.add_argument("--threads", type=_positive(int), default=d.threads,
+                   help="inference threads (default: the cores less one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where the model runs")
     p.add_argument("--max-batch", type=_positive(int), default=d.max_batch, help="images per batch (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
@@ -61,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=_positive(int), default=d.queue_size,
                    help="images allowed to wait; more are answered 503 + Retry-After (default 256)")
     p.add_argument("--timeout-s", type=_positive(float), default=d.timeout_s, help="per request; then 504 (default 30)")
-    p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb, help="request body limit (default 20)")
+    p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb,
+                   help="request body limit in MiB (default 20)")
     p.add_argument("--max-images", type=_positive(int), default=d.max_images, help="images per request (default 16)")
     p.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
                    help="largest width x height decoded (default core.images.MAX_PIXELS)")
@@ -82,11 +87,22 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(**values, verify=not args.no_verify)
 
 
+def inference_threads(requested: int | None) -> tuple[int, str]:
+    """(threads, why). The inference thread shares the cores with the event loop, the decode threads and, in a
+    load test, the clients: ORT's default (every core, spinning while idle) starves them; one core is left free."""
+    if requested:
+        return requested, "--threads"
+    cores = hardware.cpu_cores()
+    return max(1, cores - 1), f"{cores} cores available, one left for HTTP and image decoding"
+
+
 def load_captioner(cfg: ServeConfig):
     from export.runtime import Captioner, load_backend
 
     device = None if cfg.device == "auto" else cfg.device
-    backend = load_backend(cfg.backend, cfg.model, threads=cfg.threads, device=device, verify=cfg.verify)
+    threads, why = inference_threads(cfg.threads)
+    log.info("inference threads: %d (%s)", threads, why)
+    backend = load_backend(cfg.backend, cfg.model, threads=threads, device=device, verify=cfg.verify)
     return Captioner(backend, beam_size=cfg.beam_size, max_len=cfg.max_decode_len)
 
 
@@ -112,6 +128,10 @@ def serve(cfg: ServeConfig, captioner) -> None:
     log.info("%s, beam %d, batches of up to %d (wait <= %g ms); serving on %s", captioner.backend.describe(),
              cfg.beam_size, cfg.max_batch, cfg.max_wait_ms, url)
     print(f"serving on {url}", file=sys.stderr, flush=True)  # the line tests and scripts wait for
+    # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found: with these no-op
+    # handlers a drained server exits 0 instead of dying of the signal it has already handled.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     asyncio.run(uvicorn.Server(config).serve(sockets=[sock]))
     log.info("stopped: requests in flight finished")
 

@@ -48,7 +48,7 @@ class ServeConfig:
     port: int = 8000  # 0: any free port (the log line says which)
     beam_size: int = 3
     max_decode_len: int | None = None  # None: the model's recorded one
-    threads: int | None = None  # inference threads (ORT intra-op / torch); None: the runtime's default
+    threads: int | None = None  # inference threads (ORT intra-op / torch); None: the cores less one
     device: str = "auto"
     max_batch: int = 16
     max_wait_ms: float = 10.0
@@ -111,6 +111,7 @@ class StatusMetrics:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [500]
+        self.metrics.in_flight.inc()
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -120,6 +121,7 @@ class StatusMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.metrics.in_flight.dec()
             endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
             self.metrics.requests.labels(str(status[0])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - t0)

@@ -5,9 +5,10 @@ raw image as the body (``Content-Type: image/jpeg`` etc., or ``application/octet
 go to core.images (the toolkit's one loader: formats judged by content, pixel limit checked from the header
 before any decode); nothing a client sends is taken as a path, and nothing is unpickled.
 
-Statuses: 413 body over the limit or too many images, 415 a media type that is not an image (by header, or by
-content: a GIF, a PDF), 422 no image field, bytes that are no image, an undecodable/truncated image, a decompression bomb or an image over
-the pixel limit; the message names the image (its field index and file name) and the problem.
+Statuses: 413 body over the limit or too many images; 415 a media type that is not an image (by header, or by
+content: a GIF, a PDF); 422 no image field, bytes that are no image, an undecodable or truncated image, a
+decompression bomb or an image over the pixel limit. The message names the image (its field index and file name)
+and the problem.
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ async def _multipart(request: Request, body: bytes, max_images: int) -> list[Upl
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        status = 413 if "Too many files" in str(e) else 400
-        raise Problem(status, f"multipart body: {e}") from None
+        if "Too many files" in str(e):
+            raise Problem(413, f"more than {max_images} images in one request (--max-images)") from None
+        raise Problem(400, f"multipart body: {e}") from None
     uploads = []
     try:
         for i, value in enumerate(form.getlist(FIELD), 1):

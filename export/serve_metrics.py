@@ -5,6 +5,7 @@
     sat_batch_size                             histogram: images per batched beam search
     sat_batch_seconds                          histogram: time of one batched beam search (worker thread)
     sat_queue_depth                            gauge: images waiting for the worker
+    sat_requests_in_flight                     gauge: HTTP requests received and not yet answered
     sat_request_latency_seconds{endpoint}      histogram: time from request to response
 
 A private registry (not the global one) lets several apps live in one process (tests) without clashes.
@@ -31,6 +32,7 @@ class ServeMetrics:
         self.batch_seconds = Histogram("sat_batch_seconds", "seconds of one batched beam search",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("sat_queue_depth", "images waiting for the worker thread", registry=r)
+        self.in_flight = Gauge("sat_requests_in_flight", "HTTP requests received and not yet answered", registry=r)
         self.latency = Histogram("sat_request_latency_seconds", "seconds from request to response", ["endpoint"],
                                  buckets=LATENCY_BUCKETS, registry=r)
 
@@ -44,6 +46,14 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def parse_value(text: str, name: str) -> float:
+    """The value of an unlabelled counter or gauge in Prometheus text (0 when absent). For clients and tests."""
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def parse_histogram(text: str, name: str) -> tuple[float, float]:
