@@ -191,3 +191,11 @@ def bench_bandwidth(bench_cfg):
     from bench.floor import measure_bandwidth
 
     return measure_bandwidth(bench_cfg.bandwidth_mb)
+
+
+@pytest.fixture(scope="session")
+def bench_peak(bench_cfg):
+    """Arithmetic peak of this CPU measured once in this run: fp32 GEMM (torch) and int8 GEMM (ORT's kernels)."""
+    from bench.floor import measure_peak
+
+    return measure_peak(bench_cfg.num_threads, quick=bench_cfg.quick)

@@ -1,4 +1,4 @@
-"""The hardware floor of a decoder step: the bytes it must read divided by the machine's memory bandwidth.
+"""Hardware floors: a decoder step's bytes over the memory bandwidth, the encoder's MACs over the arithmetic peak.
 
 A decoder step over M = N x k rows reads, at the least, every weight of the step's layers once (the LSTM cell,
 f_beta, fc, decoder_att, full_att), one embedding row per row, each image's enc_out and enc_att once (the k beams
@@ -9,7 +9,11 @@ every step.
 Bandwidth is measured in the same run by copying a large array (bytes read + bytes written, divided by the time
 of the fastest of a few copies).
 
-    python bench/floor.py            # prints the floor for the full shapes
+The encoder is compute-bound: its floor is 2 x MACs (every Conv2d and Linear of ``encode``, counted by hooks on
+one forward pass) over the peak of this CPU, measured in the same run: fp32 by a large torch matmul, int8 by ONNX
+Runtime's own int8 GEMM (MatMulInteger, u8 x s8, the kernel family of its QLinearConv).
+
+    python bench/floor.py            # prints the floors for the full shapes
 """
 
 from __future__ import annotations
@@ -89,6 +93,79 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float
     }
 
 
+def encoder_macs(model: CaptionModel) -> int:
+    """Multiply-accumulates of ``model.encode`` on one image (Conv2d and Linear layers)."""
+    macs = 0
+
+    def count(module, inputs, output):
+        nonlocal macs
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            macs += output.numel() * k
+        else:
+            macs += output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+             and m is not model.decoder.fc]
+    s = model.cfg.image_size
+    try:
+        with torch.inference_mode():
+            model.encode(torch.zeros(1, 3, s, s, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def _best_seconds(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _int8_gemm_session(n: int, threads: int):
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).integers(-64, 64, (n, n), dtype=np.int8), "w")
+    a = helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])
+    y = helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "gemm", [a], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def measure_peak(threads: int, quick: bool = False) -> dict[str, float]:
+    """Peak multiply-adds of this CPU: fp32 (torch.mm) and int8 (ONNX Runtime MatMulInteger), as GFLOP/s."""
+    import numpy as np
+
+    n, repeats = (512, 2) if quick else (2048, 5)
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        fp32 = 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    finally:
+        torch.set_num_threads(prev)
+    sess = _int8_gemm_session(n, threads)
+    x = np.random.default_rng(1).integers(0, 255, (n, n), dtype=np.uint8)
+    int8 = 2 * n**3 / _best_seconds(lambda: sess.run(None, {"a": x}), repeats) / 1e9
+    return {"fp32_GFLOPs": fp32, "int8_GOPs": int8, "gemm_n": float(n), "threads": float(threads)}
+
+
+def compute_floor_ms(macs: int, gflops: float) -> float:
+    return 2 * macs / (gflops * 1e9) * 1e3
+
+
 def floor_ms(bytes_read: int, bandwidth_GBps: float) -> float:
     return bytes_read / (bandwidth_GBps * 1e9) * 1e3
 
@@ -100,6 +177,11 @@ if __name__ == "__main__":
     model = CaptionModel(cfg.model)
     bw = measure_bandwidth(cfg.bandwidth_mb)
     print(f"memory bandwidth: {bw['bandwidth_GBps']:.1f} GB/s ({cfg.bandwidth_mb} MB copy)")
+    macs = encoder_macs(model)
+    peak = measure_peak(cfg.num_threads)
+    print(f"encoder: {macs / 1e9:.2f} GMACs per image; peak fp32 {peak['fp32_GFLOPs']:.0f} GFLOP/s -> floor "
+          f"{compute_floor_ms(macs, peak['fp32_GFLOPs']):.1f} ms/image; int8 {peak['int8_GOPs']:.0f} GOP/s -> floor "
+          f"{compute_floor_ms(macs, peak['int8_GOPs']):.1f} ms/image")
     for n in (1, cfg.images_large):
         b = step_bytes(model, n, cfg.beam_size)
         print(f"step {n}x{cfg.beam_size}: reads {b['read'] / 1e6:.1f} MB -> floor {floor_ms(b['read'], bw['bandwidth_GBps']):.2f} ms")

@@ -25,8 +25,10 @@ Backends (names used in the tests and the report):
     ort          export.runtime.OrtBackend, fp32 (CPU provider; CUDA provider with IO binding on GPU)
     ort_int8     OrtBackend with decoder_step.int8.onnx (dynamic int8); encoder fp32
     ort_bf16enc  the eager bf16 encoder + the ORT fp32 step (a faster encoder path for many images)
-    ort_int8enc  an int8 quantization of encoder.onnx made here (bench/quantize.py) + the ORT fp32 step
-                 (CPU only; the export does not ship an int8 encoder: this measures whether it should)
+    ort_int8enc  the shipped encoder.int8.onnx (static QDQ, export --quantize int8) + the ORT fp32 step (CPU)
+    ort_int8full the shipped int8 path, encoder.int8.onnx + decoder_step.int8.onnx (``--precision int8``, CPU)
+    auto         ``load_backend("ort", ..., precision="auto")``: what the caption command runs by default (the
+                 int8 path where the export validated it and this CPU runs it natively, else fp32)
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from core.vocab import Vocabulary
 
 RESIDUAL_SCALE = 0.1  # scale of each residual branch's last BatchNorm in the random encoder
 FP32_EXPORTED = ("torchscript", "ort")  # must give exactly eager fp32's captions
-APPROXIMATE = ("ort_int8", "ort_bf16enc", "ort_int8enc")  # agreement rate reported
+APPROXIMATE = ("ort_int8", "ort_bf16enc", "ort_int8enc", "ort_int8full", "auto")  # agreement rate reported
 
 
 def cuda_available() -> bool:
@@ -231,12 +233,13 @@ class Suite:
         if name == "ort_bf16enc":
             return Combined(name, self.backend("eager_bf16"), self.backend("ort"))
         if name == "ort_int8enc":
-            from bench.quantize import OrtInt8Encoder, quantize_encoder
+            return OrtBackend(self.export_dir, providers=provider, threads=threads, int8_encoder=True)
+        if name == "ort_int8full":
+            return OrtBackend(self.export_dir, providers=provider, threads=threads, int8=True, int8_encoder=True)
+        if name == "auto":
+            from export.runtime import load_backend
 
-            path = self.export_dir.parent / f"{self.export_dir.name}.encoder.int8.onnx"
-            if not path.is_file():  # calibration images: seeded apart from the benchmark's inputs
-                quantize_encoder(self.export_dir / "encoder.onnx", path, make_images(self.cfg, 8, seed=self.cfg.seed + 200))
-            return Combined(name, OrtInt8Encoder(path, threads), self.backend("ort"))
+            return load_backend("ort", self.export_dir, providers=provider, threads=threads, precision="auto")
         raise ValueError(f"unknown backend {name!r}")
 
     # -- the timed calls
@@ -353,8 +356,11 @@ def export_dir_for(cfg: BenchConfig, model: CaptionModel, vocab: Vocabulary, roo
 
     out = Path(root) / f"export-{cfg.model_key()}-{device}"
     if not (out / "manifest.json").is_file():
-        kwargs: dict[str, Any] = {"quantize": "int8", "torchscript": True, "num_calib": cfg.export_calib_images,
-                                  "max_len": cfg.max_len, "beam_size": cfg.beam_size, "seed": cfg.seed}
+        # int8: calibrated on images seeded apart from the benchmark's inputs, checked on others (held out)
+        kwargs: dict[str, Any] = {"quantize": "int8", "torchscript": True, "max_len": cfg.max_len,
+                                  "beam_size": cfg.beam_size, "seed": cfg.seed,
+                                  "quant_images": make_images(cfg, 8, seed=cfg.seed + 200),
+                                  "calib_images": make_images(cfg, cfg.export_calib_images, seed=cfg.seed + 300)}
         if device == "cuda":
             kwargs["fp16"] = True
         try:

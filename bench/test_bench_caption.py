@@ -11,7 +11,7 @@ import pytest
 from bench.cases import CFG, GPU_MARKS, cases, run
 from bench.suite import APPROXIMATE, FP32_EXPORTED
 
-CPU = ("reference", "eager", "torchscript", "ort", "ort_int8", "ort_bf16enc", "ort_int8enc")
+CPU = ("reference", "eager", "torchscript", "ort", "ort_int8", "ort_bf16enc", "ort_int8enc", "ort_int8full", "auto")
 GPU = ("reference", "eager", "torchscript", "ort", "ort_fp16")
 BEAM_CPU = ("reference", "eager", "torchscript", "ort", "ort_int8")
 BEAM_GPU = ("reference", "eager", "torchscript", "ort", "ort_fp16")
@@ -35,7 +35,8 @@ def _record_agreement(benchmark, suite, kind, backend, result):
 def test_caption_end_to_end(benchmark, bench_suite, device, kind, backend):
     suite = bench_suite(device)
     n = suite.cfg.n_images(kind)
-    result = run(benchmark, suite, kind, backend, suite.caption_fn(backend, n))
+    extra = {"precision": suite.backend(backend).precision.value} if backend == "auto" else {}
+    result = run(benchmark, suite, kind, backend, suite.caption_fn(backend, n), **extra)
     _record_agreement(benchmark, suite, kind, backend, result)
 
 
