@@ -123,7 +123,7 @@ def _train(root: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("name", ["flickr30k", "coco"])
-def test_train_and_evaluate_end_to_end(layouts, tmp_path, name):
+def test_train_and_evaluate_end_to_end(layouts, tmp_path, name, monkeypatch):
     """Train on the layout, then the test split's results are written and scored (COCO metrics for coco)."""
     coco_flag = "--coco-eval" if name == "coco" else "--no-coco-eval"
     run = _train(layouts[name], tmp_path / "run", "--dataset", name, coco_flag)
@@ -141,8 +141,18 @@ def test_train_and_evaluate_end_to_end(layouts, tmp_path, name):
         assert cli.returncode == 0, cli.stderr
         assert json.loads((tmp_path / "s.json").read_text())["scores"] == report["coco"]["scores"]
         assert "CIDEr-D" in cli.stdout and "SPICE" in cli.stdout
-    else:
+    else:  # export.caption writes a results file of the same images that core.evaluate reads
         assert "python -m core.evaluate" in report["coco_skipped"]
+        from core.evaluate import main as evaluate_main
+        from export.caption import main as caption_main
+
+        written = tmp_path / "caption_results.json"
+        assert caption_main(["--model", str(tmp_path / "run" / "last.pt"), "--backend", "eager", "--data",
+                             str(layouts[name]), "--split", "test", "--results-json", str(written), "--threads",
+                             "1", "-q"]) == 0
+        assert sorted(r["image_id"] for r in json.loads(written.read_text())) == sorted(r["image_id"] for r in results)
+        monkeypatch.setenv("PATH", str(tmp_path / "no-java"))  # (the reduced set: Java scoring is tested above)
+        assert evaluate_main([str(written), "--data", str(layouts[name]), "--no-spice"]) == 0
 
 
 def test_fine_tune_a_flickr8k_checkpoint_on_coco_with_another_vocabulary(layouts, tmp_path):
