@@ -1,4 +1,13 @@
-"""Caption metrics: corpus BLEU-1..4 (through nltk) and CIDEr-D.
+"""Fast caption metrics for training: corpus BLEU-1..4 (through nltk) and CIDEr-D, on our regex tokens.
+
+Which numbers are which:
+- these (``caption_metrics``) drive training: the per-epoch val BLEU-4 that picks best.pt, the LR plateau and early
+  stopping, and the quick figures of ``export.caption --data``. Pure Python, no Java, about a second for 600
+  images. NOT paper-comparable: nltk's BLEU on core.vocab's regex tokens is not coco-caption's BLEU on PTB tokens
+  (brevity penalty and tokenization differ slightly).
+- the paper-comparable numbers (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE as every captioning paper reports them)
+  come from core.cocoeval (pycocoevalcap): ``python -m core.evaluate`` and training's final test report.
+- ``cider_d`` here equals pycocoevalcap's CIDEr-D to 1e-6 on the same tokens (golden tests in tests/test_metrics.py).
 
 All functions take already tokenized text:
 
