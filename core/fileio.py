@@ -83,3 +83,23 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> A
         raise error(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from None
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print as one field of one line: control and format characters (tab, newline, ESC, bidi
+    overrides), backslashes and undecodable file-name bytes (surrogate escapes) written as backslash escapes, so
+    a file name can neither forge an output line nor drive the terminal."""
+    if text.isprintable() and "\\" not in text:
+        return text  # the common case, unchanged
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (os.fsdecode's surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable() or ch == " ":
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)

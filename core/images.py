@@ -21,6 +21,7 @@ import io
 import math
 import os
 import stat
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +97,19 @@ def _file_size(path: Path) -> int:
     return st.st_size
 
 
+def _open_regular(path: Path):
+    """Open for reading without blocking, and check it is still the regular file that was stat'ed (a name swapped
+    for a FIFO between the stat and the open would otherwise block the open forever)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as e:
+        raise _error(path, "unreadable", f"cannot open: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _error(path, "unreadable", "not a regular file, not an image file")
+    return os.fdopen(fd, "rb")
+
+
 def _sniff(head: bytes) -> str | None:
     """The format Pillow would take ``head`` (the first 16 bytes) for, from its signature alone."""
     Image.init()
@@ -104,7 +118,9 @@ def _sniff(head: bytes) -> str | None:
 
 def _read_header(f, path: Path, size: int) -> Image.Image:
     try:
-        return Image.open(f, formats=ACCEPTED_FORMATS)
+        with warnings.catch_warnings():  # the pixel limit is checked (and said) by the caller, not warned twice
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(f, formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         pass
     except Exception as e:  # noqa: BLE001 - a header parser may raise anything for one bad file
@@ -130,10 +146,7 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
     path = Path(path)
     size = _file_size(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
-    try:
-        f = open(path, "rb")  # noqa: SIM115 - closed by the with below; Pillow never closes a file it was given
-    except OSError as e:
-        raise _error(path, "unreadable", f"cannot open: {e.strerror or e}") from None
+    f = _open_regular(path)
     with f:
         im = _read_header(f, path, size)
         w, h = im.size

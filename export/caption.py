@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -34,6 +36,7 @@ import torch
 
 from core import hardware
 from core.cli import add_deprecated_alias
+from core.fileio import printable
 from core.images import IMAGE_EXTENSIONS
 from core.logs import add_verbosity_args, get_logger, setup_logging
 
@@ -104,7 +107,8 @@ def expand_inputs(inputs: Sequence[str | Path], errors: list[str]) -> Iterator[P
             continue
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            # Anything but a directory: a FIFO, device or broken link named .jpg gets its own error, not silence.
+            files = sorted(p for p in path.iterdir() if not p.is_dir() and p.suffix.lower() in IMAGE_EXTENSIONS
                            and not p.name.startswith("."))
             if not files:
                 errors.append(f"{path}: directory holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
@@ -114,11 +118,13 @@ def expand_inputs(inputs: Sequence[str | Path], errors: list[str]) -> Iterator[P
 
 
 def read_file_list(path: Path) -> list[str]:
-    """Lines of a file list (blank lines and # comments skipped); relative paths are taken from its folder."""
+    """Lines of a file list (blank lines and # comments skipped); relative paths are taken from its folder.
+
+    Lines are file-system names, decoded like command-line arguments (bytes that are not UTF-8 kept as they are)."""
     base = path.parent
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
+    for raw in path.read_bytes().splitlines():
+        line = os.fsdecode(raw.strip())
         if line and not line.startswith("#"):
             p = Path(line)
             out.append(line if _URL.match(line) or p.is_absolute() or p.exists() else str(base / p))
@@ -233,24 +239,34 @@ class Progress:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def _unique_stem(path: str, used: set[str]) -> str:
-    stem = Path(path).stem or "image"
+FIGURE_STEM_BYTES = 200  # + "_attention.png" + a counter stays under the 255-byte name limit of file systems
+FIGURE_SIDE = 1024  # figures show the image at most this big (a 9400 px photo would cost GBs in matplotlib)
+
+
+def figure_names(path: str, used: set[str]) -> tuple[str, str]:
+    """``(<stem>.png, <stem>_attention.png)``, neither written before in this run (a.jpg and a_attention.png
+    side by side get a.png, a_attention.png, a_attention_2.png, ...), each name under 255 bytes."""
+    stem = os.fsdecode(os.fsencode(Path(path).stem or "image")[:FIGURE_STEM_BYTES])
     name, i = stem, 2
-    while name in used:
+    while f"{name}.png" in used or f"{name}_attention.png" in used:
         name, i = f"{stem}_{i}", i + 1
-    used.add(name)
-    return name
+    used.update((f"{name}.png", f"{name}_attention.png"))
+    return f"{name}.png", f"{name}_attention.png"
 
 
 def save_figures(r, save_dir: Path, used: set[str]) -> None:
-    """DIR/<name>.png with its caption and DIR/<name>_attention.png; OSError/ValueError when they cannot be written."""
+    """DIR/<name>.png with its caption and DIR/<name>_attention.png; OSError, ValueError or core.fileio.WriteError
+    (a RuntimeError) when they cannot be written."""
+    from core.images import load_image
     from core.viz import save_attention_figure, save_captioned_image
 
-    stem = _unique_stem(r.path, used)
-    save_captioned_image(r.path, r.caption, save_dir / f"{stem}.png")
+    captioned, attention = figure_names(r.path, used)
+    image = load_image(r.path)
+    image.thumbnail((FIGURE_SIDE, FIGURE_SIDE))
+    save_captioned_image(image, r.caption, save_dir / captioned)
     if r.words:
         grid = int(round(math.sqrt(r.alphas.shape[1])))
-        save_attention_figure(r.path, r.words, r.alphas, grid=grid, path=save_dir / f"{stem}_attention.png")
+        save_attention_figure(image, r.words, r.alphas, grid=grid, path=save_dir / attention)
 
 
 @dataclass
@@ -271,12 +287,13 @@ def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
             progress.update()
             if not r.ok:
                 tally.failed += 1
-                print(f"error: {r.error}", file=sys.stderr)
+                print(f"error: {printable(r.error)}", file=sys.stderr)
                 if args.json:
                     print(json.dumps(r.to_json()), flush=True)
                 continue
             tally.captioned += 1
-            print(json.dumps(r.to_json()) if args.json else f"{r.path}\t{r.caption}", flush=True)
+            # printable: a name holding a tab and a newline must not print a second, fake result line
+            print(json.dumps(r.to_json()) if args.json else f"{printable(r.path)}\t{printable(r.caption)}", flush=True)
             if r.path in inputs.references:
                 tally.hyps.append(r.words)
                 tally.refs.append(inputs.references[r.path])
@@ -284,9 +301,10 @@ def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
             if args.save_dir:
                 try:
                     save_figures(r, args.save_dir, used)
-                except (OSError, ValueError) as e:
+                except (OSError, ValueError, RuntimeError) as e:  # name too long, disk full, file-size limit
                     tally.failed += 1
-                    print(f"error: {r.path}: could not write figures to {args.save_dir}: {e}", file=sys.stderr)
+                    print(f"error: {printable(f'{r.path}: could not write figures to {args.save_dir}: {e}')}",
+                          file=sys.stderr)
     finally:
         progress.close()
     return tally
@@ -306,7 +324,18 @@ def summary(args: argparse.Namespace, tally: Tally, seconds: float) -> str:
     return line
 
 
+def _safe_streams() -> None:
+    """Output never fails on a name the locale cannot encode (LC_ALL=C, PYTHONIOENCODING=ascii): escaped instead;
+    a file-size limit (RLIMIT_FSIZE) fails that write with EFBIG, one file's error, instead of killing the run."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _safe_streams()
     args = build_parser().parse_args(argv)
     setup_logging("caption", args.verbose - args.quiet)
     from core.checkpoint import CheckpointError
@@ -319,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError("--results-json needs --data DIR (the image ids are the dataset's names)")
         inputs = gather_inputs(args)
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     try:
         captioner = load_captioner(args)
@@ -329,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("%s, beam %d (%s search), max_len %d; %s", captioner.backend.describe(), args.beam_size, args.search,
              captioner.max_len, path_reason(args.backend, args.device))
     for e in inputs.errors:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
     t0 = time.perf_counter()
     tally = caption_all(args, captioner, inputs)
     log.info("%s", summary(args, tally, time.perf_counter() - t0))
