@@ -109,14 +109,14 @@ def _karpathy_path(root: Path, given: Path | None, dataset: str) -> Path:
 def _flickr30k(root: Path, karpathy_json: Path | None) -> Layout:
     folder = next((root / d for d in FLICKR30K_IMAGE_DIRS if (root / d).is_dir()), None)
     if folder is None:
-        raise layout_error(root, f"no image folder ({' or '.join(FLICKR30K_IMAGE_DIRS)}/) in {root}", "flickr30k")
+        raise layout_error(root, f"no image folder ({' or '.join(d + '/' for d in FLICKR30K_IMAGE_DIRS)}) in {root}", "flickr30k")
     k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr30k"), use_filepath=False)
     return Layout("flickr30k", folder, k.captions, k.splits, k.ids)
 
 
 def _coco(root: Path, karpathy_json: Path | None) -> Layout:
     if not any((root / d).is_dir() for d in COCO_IMAGE_DIRS):
-        raise layout_error(root, f"no image folder ({' or '.join(COCO_IMAGE_DIRS)}/) in {root}", "coco")
+        raise layout_error(root, f"no image folder ({' or '.join(d + '/' for d in COCO_IMAGE_DIRS)}) in {root}", "coco")
     k = read_karpathy(_karpathy_path(root, karpathy_json, "coco"), use_filepath=True)
     return Layout("coco", root, k.captions, k.splits, k.ids)
 
