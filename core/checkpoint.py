@@ -54,7 +54,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {version!r}; this version reads format {FORMAT_VERSION}")
+    check_finite(state["model"], path)
     return state
+
+
+def non_finite(weights: Any) -> list[str]:
+    """Names of the floating-point tensors of ``weights`` holding a NaN or an infinity."""
+    items = weights.items() if isinstance(weights, dict) else []
+    return [k for k, v in items if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def check_finite(weights: Any, source: str | Path) -> None:
+    """A model whose weights hold NaN or inf (a diverged run) captions nothing: refuse it at load, by name."""
+    bad = non_finite(weights)
+    if bad:
+        raise CheckpointError(f"{source} holds non-finite weights (NaN or inf in {len(bad)} tensors, e.g. "
+                              f"{', '.join(bad[:3])}); refusing it (a diverged or damaged model)")
 
 
 def make_checkpoint(model: CaptionModel, vocab: Vocabulary, **training_state: Any) -> dict[str, Any]:
@@ -139,4 +154,5 @@ def load_safetensors(directory: str | Path) -> tuple[CaptionModel, Vocabulary]:
         weights = load_file(weights_path)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from e
+    check_finite(weights, weights_path)
     return model_from_checkpoint({**meta, "model": weights}, source=meta_path)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from core.checkpoint import CheckpointError, describe_mismatch, load_checkpoint
+from core.checkpoint import CheckpointError, describe_mismatch, load_checkpoint, non_finite
 from core.fileio import atomic_write
 from core.model import ModelConfig
 from core.vocab import Vocabulary
@@ -68,7 +68,7 @@ class Checkpointer:
 
     def save(self, names: list[str], state: dict[str, Any]) -> None:
         """Every rank calls this (the RNG states are gathered); rank 0 writes. Refuses non-finite weights."""
-        bad = [k for k, v in state["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = non_finite(state["model"])
         if bad:  # every rank holds the same weights, so every rank stops here together
             raise CheckpointError(f"refusing to write a checkpoint with non-finite weights (e.g. {bad[:3]})")
         state["rng"] = all_gather_objects(rng_state())
@@ -88,8 +88,11 @@ class Checkpointer:
         return sorted((p for p in (self.out / "last.pt", self.out / "best.pt") if p.is_file()),
                       key=lambda p: p.stat().st_mtime, reverse=True)
 
-    def find(self, resume: str) -> Path | None:
-        """The checkpoint to resume from (decided on rank 0, the same on every rank)."""
+    def find(self, resume: str, fits: Callable[[dict], None] | None = None) -> Path | None:
+        """The checkpoint to resume from (decided on rank 0, the same on every rank).
+
+        With ``--resume auto``, a file that cannot be read, holds non-finite weights, or fails ``fits`` (raises
+        CheckpointError) is skipped with a warning, and the next newest one is taken."""
         if resume == "none":
             return None
         if resume != "auto":
@@ -103,6 +106,8 @@ class Checkpointer:
             for path in self.candidates():  # newest first; the furthest along wins, corrupt ones are skipped
                 try:
                     state = load_checkpoint(path)
+                    if fits is not None:
+                        fits(state)
                 except CheckpointError as e:
                     warn0(self.env, f"skipping {path}: {e}")
                     continue
@@ -116,6 +121,21 @@ class Checkpointer:
         if self.env.is_main:
             for tmp in self.out.glob(".*.pt.*.tmp"):
                 tmp.unlink(missing_ok=True)
+
+
+def tensors_fit(model: torch.nn.Module, mcfg: ModelConfig) -> Callable[[dict], None]:
+    """A ``find`` check: a checkpoint of this model config whose tensors do not have this model's shapes is damaged
+    (another config is not: ``check_compatible`` says what differs and stops, it is not skipped)."""
+    def check(state: dict) -> None:
+        if describe_mismatch(state["model_config"], mcfg.to_dict()):
+            return
+        own, saved = model.state_dict(), state["model"]
+        bad = sorted(set(own) ^ set(saved)) + [k for k, v in own.items()
+                                              if k in saved and tuple(getattr(saved[k], "shape", ())) != tuple(v.shape)]
+        if bad:
+            raise CheckpointError(f"its tensors do not fit its own model config ({len(bad)} differ, "
+                                  f"e.g. {', '.join(bad[:3])})")
+    return check
 
 
 def check_compatible(state: dict, cfg: TrainConfig, mcfg: ModelConfig, vocab: Vocabulary, path: Path,

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from core import hardware
-from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, load_model_weights, make_checkpoint
 from core.data import DataFormatError, DatasetNotFoundError, Flickr8k
 from core.fileio import WriteError, atomic_write_text
 from core.images import ImageLoadError
@@ -43,7 +43,7 @@ from core.model import CaptionModel, PretrainedWeightsError, caption_loss, load_
 from core.skiplist import SkipListError
 from core.vocab import Vocabulary
 from distributed.checkpoint import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
-                                   seed_everything, set_rng_state)
+                                    seed_everything, set_rng_state, tensors_fit)
 from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
     setup_distributed, warn0
@@ -129,7 +129,7 @@ def resume(trainee: Trainee, path: Path, cfg: TrainConfig, vocab: Vocabulary, en
     """Weights, optimizer, scaler, scheduler, position and RNG of the checkpoint at ``path``."""
     saved = load_checkpoint(path, map_location=env.device)
     check_compatible(saved, cfg, trainee.model.cfg, vocab, path, env)
-    trainee.model.load_state_dict(saved["model"])
+    load_model_weights(trainee.model, saved["model"], path)  # a damaged file: which tensors, no traceback
     try:
         trainee.optimizer.load_state_dict(saved["optimizer"])
     except ValueError as e:
@@ -304,7 +304,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     t, amp = build_trainee(cfg, vocab, env)
     ckpt = Checkpointer(out, env)
     ckpt.remove_stale_temporaries()
-    resume_path = ckpt.find(cfg.resume)
+    resume_path = ckpt.find(cfg.resume, fits=tensors_fit(t.model, t.model.cfg))
     state = resume(t, resume_path, cfg, vocab, env) if resume_path is not None else TrainState()
     if env.distributed:
         t.ddp = DDP(t.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
