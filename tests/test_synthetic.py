@@ -210,3 +210,20 @@ def test_cli_dataset_reads_back_end_to_end(tmp_path) -> None:
                           capture_output=True, text=True, timeout=60)
     assert info.returncode == 0, info.stderr
     assert "train 160, val 20, test 20" in info.stdout
+
+
+@pytest.mark.parametrize("layout, files", [
+    ("flickr30k", {"dataset_flickr30k.json", "flickr30k-images"}),
+    ("coco", {"dataset_coco.json", "train2014", "val2014"}),
+])
+def test_karpathy_layouts_are_deterministic_and_hold_the_same_scenes(tmp_path, layout, files) -> None:
+    a = generate(tmp_path / "a", 12, seed=5, size=48, layout=layout)
+    assert {p.name for p in a.iterdir()} == files
+    assert tree_digest(a) == tree_digest(generate(tmp_path / "b", 12, seed=5, size=48, layout=layout))
+    flickr8k = load_flickr8k(generate(tmp_path / "f8k", 12, seed=5, size=48))
+    data = load_flickr8k(a)
+    # same seed: the same scenes and captions, whatever the layout
+    assert sorted(map(sorted, data.captions.values())) == sorted(map(sorted, flickr8k.captions.values()))
+    (a / next(iter(files - {"flickr30k-images", "train2014", "val2014"}))).write_text('{"images": []}')
+    with pytest.raises(FileExistsError, match="not written by this generator"):
+        generate(a, 12, seed=5, size=48, layout=layout)
