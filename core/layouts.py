@@ -109,7 +109,8 @@ def _karpathy_path(root: Path, given: Path | None, dataset: str) -> Path:
 def _flickr30k(root: Path, karpathy_json: Path | None) -> Layout:
     folder = next((root / d for d in FLICKR30K_IMAGE_DIRS if (root / d).is_dir()), None)
     if folder is None:
-        raise layout_error(root, f"no image folder ({' or '.join(d + '/' for d in FLICKR30K_IMAGE_DIRS)}) in {root}", "flickr30k")
+        folders = " or ".join(d + "/" for d in FLICKR30K_IMAGE_DIRS)
+        raise layout_error(root, f"no image folder ({folders}) in {root}", "flickr30k")
     k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr30k"), use_filepath=False)
     return Layout("flickr30k", folder, k.captions, k.splits, k.ids)
 

@@ -349,7 +349,8 @@ def generate(out_dir: str | os.PathLike[str], num_images: int, seed: int = 0, si
         atomic_write_text(out / TOKEN_FILE, "".join(f"{name}#{k}\t{c}\n" for _, name, caps in written
                                                     for k, c in enumerate(caps)))
     else:
-        written = _write_images(out, num_images, seed, size, lambda i: _image_folder(layout, _karpathy_split(i, layout)))
+        written = _write_images(out, num_images, seed, size,
+                                lambda i: _image_folder(layout, _karpathy_split(i, layout)))
         _write_karpathy(out, layout, written)
     return out
 

@@ -91,7 +91,8 @@ def test_600k_captions_build_vocabulary_and_splits_without_opening_images(tmp_pa
     images = []
     for i in range(120_000):
         split = "train" if i % 20 else ("val", "test", "restval")[i // 20 % 3]
-        caps = [{"raw": f"A {words[(i * 7 + k) % 9000]} and {words[(i + k * 31) % 9000]} on a table."} for k in range(5)]
+        caps = [{"raw": f"A {words[(i * 7 + k) % 9000]} and {words[(i + k * 31) % 9000]} on a table."}
+                for k in range(5)]
         images.append({"filepath": "train2014" if split == "train" else "val2014", "filename": f"{i:012d}.jpg",
                        "cocoid": i, "split": split, "sentences": caps})
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"dataset": "coco", "images": images}))
