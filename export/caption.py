@@ -9,7 +9,9 @@ Output, one line per image on stdout: ``path<TAB>caption``, or with --json a JSO
 ``{"file", "caption", "score"}``. A file that is not a readable image gets an ``error: ...`` line on stderr naming
 it (``{"file", "error"}`` on stdout with --json); the others are still captioned and the exit code is 1.
 Directories are expanded to the image files they hold (not recursive); URLs are refused (download first).
-With --data, BLEU-1..4 and CIDEr-D against the dataset's reference captions are printed on stderr at the end.
+With --data, BLEU-1..4 and CIDEr-D against the dataset's reference captions are printed on stderr at the end (the fast
+training metrics); --results-json FILE also writes the captions as COCO results for the paper-comparable metrics of
+``python -m core.evaluate FILE --data DATA_DIR --split test``.
 Progress (count, rate, time left) goes to stderr: a bar on a terminal, else a line every --progress-every images.
 
 --model: an export directory (export/to_onnx.py). With --backend eager it may also be a checkpoint .pt; an
