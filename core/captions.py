@@ -5,12 +5,15 @@
     DATA_DIR/Flickr_8k.{train,dev,test}Images.txt   optional official split (one image name a line)
 
 Shared by the dataset loader (core.data), the dataset check (core.datacheck) and the synthetic generator
-(core.synthetic), so the three agree on names and on what a valid line is. Imports no torch.
+(core.synthetic), so the three agree on names, on what a valid line is and on which lines are skipped.
+Imports no torch.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,23 +75,65 @@ def parse_caption_line(line: str) -> tuple[str, str, str]:
     return name, n, caption
 
 
+class CaptionFilter:
+    """Lines that parse but must not be trained on, by one rule for training and ``python -m core.data check``:
+
+    duplicate-caption  ``IMAGE#N`` seen before, or the same caption (case and spacing ignored) for the same image
+    empty-caption      the caption has no word once tokenized (``core.vocab.tokenize``: e.g. ``"..."``)
+
+    The first line of a duplicate is kept; the flagged line is skipped by training and reported by the check.
+    """
+
+    def __init__(self) -> None:
+        self.keys: dict[tuple[str, str], int] = {}
+        self.texts: dict[tuple[str, str], int] = {}
+
+    def problem(self, lineno: int, name: str, n: str, caption: str) -> tuple[str, str] | None:
+        """``(kind, message)`` when the line is to be skipped, else None (and the line is remembered)."""
+        from core.vocab import tokenize  # no torch: a regex
+
+        text = " ".join(caption.lower().split())
+        found = None
+        if (name, n) in self.keys:
+            found = "duplicate-caption", f"{name}#{n} already on line {self.keys[name, n]}"
+        elif (name, text) in self.texts:
+            found = "duplicate-caption", f"same caption for {name} as line {self.texts[name, text]}"
+        elif not tokenize(caption):
+            found = "empty-caption", f"{name}#{n}: {caption[:40]!r} has no words once tokenized"
+        self.keys.setdefault((name, n), lineno)
+        self.texts.setdefault((name, text), lineno)
+        return found
+
+
 def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
     """Parse ``Flickr8k.token.txt`` into ``{image name: [captions in file order]}``.
 
     Each non-blank line is ``IMAGE#N<TAB>caption`` with ``N`` a non-negative integer; images
     keep the order of their first appearance. Any other line raises :class:`DataFormatError`
-    naming ``path:line``.
+    naming ``path:line``. Lines :class:`CaptionFilter` flags are skipped, with one warning that counts them
+    per kind (training logs it; ``python -m core.data check`` lists every line).
     """
     path = Path(path)
     captions: dict[str, list[str]] = {}
+    rules, skipped = CaptionFilter(), Counter()
+    first: dict[str, int] = {}
     for lineno, line in read_text_lines(path):
         if not line.strip():
             continue
         try:
-            name, _, caption = parse_caption_line(line)
+            name, n, caption = parse_caption_line(line)
         except DataFormatError as e:
             raise DataFormatError(f"{path}:{lineno}: {e}") from None
+        problem = rules.problem(lineno, name, n, caption)
+        if problem:
+            skipped[problem[0]] += 1
+            first.setdefault(problem[0], lineno)
+            continue
         captions.setdefault(name, []).append(caption)
     if not captions:
         raise DataFormatError(f"{path}: no captions found (empty file?)")
+    if skipped:
+        kinds = ", ".join(f"{k} {c} (first on line {first[k]})" for k, c in sorted(skipped.items()))
+        warnings.warn(f"{path}: {sum(skipped.values())} caption line(s) skipped: {kinds}; "
+                      f"`python -m core.data check {path.parent}` lists them", stacklevel=2)
     return captions

@@ -35,6 +35,8 @@ Caption file (path ``Flickr8k.token.txt`` and the line number):
   not-utf8            the line is not valid UTF-8
   bad-caption-line    the line is not ``IMAGE#N<TAB>caption`` (same rule as ``core.data.parse_token_file``)
   duplicate-caption   ``IMAGE#N`` seen before, or the same caption (case and spacing ignored) for the same image
+  empty-caption       the caption has no word once tokenized (e.g. ``...``); this and duplicate-caption are the
+                      lines training skips by itself (``core.captions.CaptionFilter``, counted in its log)
   missing-image       captions name an image that is not a file in ``Images/`` (reported once, at its first
                       line; the name goes on the skip list)
 
@@ -62,7 +64,8 @@ from typing import Any
 from PIL import Image, ImageFile
 
 import core.images
-from core.captions import IMAGES_DIR, TOKEN_FILE, DataFormatError, not_utf8_message, parse_caption_line, read_lines
+from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatError, not_utf8_message,
+                           parse_caption_line, read_lines)
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, decode_rgb, open_image
 from core.skiplist import SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash
@@ -72,7 +75,7 @@ MAX_ASPECT = 25.0
 
 IMAGE_KINDS = ("empty-file", "not-an-image", "truncated", "corrupt", "unreadable", "decompression-bomb",
                "too-small", "extreme-aspect", "unsupported-format", "unsupported-mode", "no-captions")
-LINE_KINDS = ("not-utf8", "bad-caption-line", "duplicate-caption", "missing-image")
+LINE_KINDS = ("not-utf8", "bad-caption-line", "duplicate-caption", "empty-caption", "missing-image")
 
 
 class DataCheckError(ValueError):
@@ -204,8 +207,7 @@ class _Captions:
 def _scan_captions(path: Path) -> _Captions:
     out = _Captions()
     rel = path.name
-    keys: dict[tuple[str, str], int] = {}
-    texts: dict[tuple[str, str], int] = {}
+    rules = CaptionFilter()  # the lines training skips, by the same rule
     for lineno, line, raw in read_lines(path):
         if isinstance(line, UnicodeDecodeError):
             out.lines += 1
@@ -222,15 +224,9 @@ def _scan_captions(path: Path) -> _Captions:
             out.problems.append(Problem(rel, lineno, "bad-caption-line", str(e)))
             continue
         out.first_line.setdefault(name, lineno)
-        text = " ".join(caption.lower().split())
-        if (name, n) in keys:
-            out.problems.append(Problem(rel, lineno, "duplicate-caption",
-                                        f"{name}#{n} already on line {keys[name, n]}"))
-        elif (name, text) in texts:
-            out.problems.append(Problem(rel, lineno, "duplicate-caption",
-                                        f"same caption for {name} as line {texts[name, text]}"))
-        keys.setdefault((name, n), lineno)
-        texts.setdefault((name, text), lineno)
+        problem = rules.problem(lineno, name, n, caption)
+        if problem:
+            out.problems.append(Problem(rel, lineno, *problem))
     return out
 
 

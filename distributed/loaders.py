@@ -20,6 +20,7 @@ per epoch, the same choice on every rank and in both loaders.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ from core.images import image_transform
 from core.skiplist import SKIP_LIST_NAME, read_skip_list
 from core.vocab import Vocabulary
 from distributed.config import TrainConfig
-from distributed.env import DistEnv, print0
+from distributed.env import DistEnv, print0, warn0
 
 
 class Batch(NamedTuple):
@@ -308,8 +309,17 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
 
 
 def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
-    data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
-                         test_frac=cfg.test_frac, dataset=cfg.dataset)
+    """The dataset (skip list applied) and its vocabulary; what the loader skips by itself (caption lines that
+    are duplicates or have no words, captioned images missing from the folder) is counted in the log."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
+                             test_frac=cfg.test_frac, dataset=cfg.dataset)
+    for w in caught:
+        if env is not None:
+            warn0(env, str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     # DALI cannot skip a sample at run time, and ranks that skip differently hang DDP: bad images are left out
     # here, by the same file on every rank, after the split so that every other image keeps its split.
     skip_path = Path(cfg.data) / SKIP_LIST_NAME if cfg.skip_list == "auto" else Path(cfg.skip_list)

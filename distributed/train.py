@@ -298,8 +298,8 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     The DDP wrapper and the optimizer live and die in this function (they must be gone before the process group
     is destroyed).
     """
+    data, vocab = load_data(cfg, env)  # before --out exists: a bad --data leaves no empty run directory behind
     out = prepare_run_dir(cfg, env)
-    data, vocab = load_data(cfg, env)
     print0(env, f"hardware: {hardware.summary()}")
     t, amp = build_trainee(cfg, vocab, env)
     ckpt = Checkpointer(out, env)
