@@ -61,6 +61,7 @@ class LoadResult:
     latencies: list[float] = field(default_factory=list)
     batches: float = 0.0
     batched_images: float = 0.0
+    server_cpu_s: float = 0.0  # CPU time the server process used in the window (all its threads)
 
     @property
     def rps(self) -> float:
@@ -69,6 +70,10 @@ class LoadResult:
     def percentile(self, q: float) -> float:
         xs = sorted(self.latencies)
         return xs[min(len(xs) - 1, int(q / 100 * len(xs)))] if xs else float("nan")
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * self.server_cpu_s / self.requests if self.requests else float("nan")
 
     @property
     def mean_batch(self) -> float:
@@ -137,7 +142,16 @@ async def _batch_counters(http, url: str) -> tuple[float, float]:
     return parse_histogram((await http.get(f"{url}/metrics")).text, "sat_batch_size")
 
 
-async def drive(url: str, cfg: LoadConfig, images: list[bytes], setting: str) -> LoadResult:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def drive(url: str, pid: int, cfg: LoadConfig, images: list[bytes], setting: str) -> LoadResult:
     import httpx
 
     res = LoadResult(setting, cfg.clients)
@@ -147,12 +161,13 @@ async def drive(url: str, cfg: LoadConfig, images: list[bytes], setting: str) ->
         window = [now + cfg.warmup, now + cfg.warmup + cfg.duration]
         clients = [asyncio.create_task(_client(http, url, images, k, window, res)) for k in range(cfg.clients)]
         await asyncio.sleep(max(0.0, window[0] - time.monotonic()))
-        before = await _batch_counters(http, url)
+        before, cpu0 = await _batch_counters(http, url), cpu_seconds(pid)
         await asyncio.sleep(max(0.0, window[1] - time.monotonic()))
-        after = await _batch_counters(http, url)
+        after, cpu1 = await _batch_counters(http, url), cpu_seconds(pid)
         await asyncio.gather(*clients)
     res.seconds = cfg.duration
     res.batches, res.batched_images = after[0] - before[0], after[1] - before[1]
+    res.server_cpu_s = cpu1 - cpu0
     return res
 
 
@@ -162,7 +177,7 @@ def run_setting(cfg: LoadConfig, images: list[bytes], max_batch: int) -> LoadRes
     try:
         print(f"[serve-load] {setting}: {cfg.clients} clients, {cfg.warmup:g} s warm-up + {cfg.duration:g} s "
               f"against {url}", file=sys.stderr, flush=True)
-        return asyncio.run(drive(url, cfg, images, setting))
+        return asyncio.run(drive(url, proc.pid, cfg, images, setting))
     finally:
         stop_server(proc)
 
@@ -173,11 +188,12 @@ def table(cfg: LoadConfig, results: list[LoadResult]) -> str:
              f"({cfg.warmup:g} s warm-up), beam {cfg.beam_size}, backend {cfg.backend}, model {cfg.model}",
              f"CPU: {hardware.capability_tag(hw)} ({hardware.summary(hw)}); {os.cpu_count()} logical CPUs shared by "
              f"server and clients", "",
-             "| server setting | requests/s | p50 ms | p95 ms | p99 ms | mean batch | requests | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server setting | requests/s | p50 ms | p95 ms | p99 ms | mean batch | server CPU ms/request | requests "
+             "| errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         lines.append(f"| {r.setting} | {r.rps:.1f} | {1000 * r.percentile(50):.0f} | {1000 * r.percentile(95):.0f} "
-                     f"| {1000 * r.percentile(99):.0f} | {r.mean_batch:.2f} | {r.requests} | {r.errors} |")
+                     f"| {1000 * r.percentile(99):.0f} | {r.mean_batch:.2f} | {r.cpu_ms_per_request:.1f} | {r.requests} "
+                     f"| {r.errors} |")
     if len(results) == 2 and results[1].rps:
         dyn, one = results
         lines += ["", f"Dynamic batching: {dyn.rps / one.rps:.2f}x the requests/s of --max-batch 1 (target >= 3x); "
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n", encoding="utf-8")
         rows = [{**asdict(r), "latencies": None, "rps": r.rps, "p50": r.percentile(50), "p95": r.percentile(95),
-                 "p99": r.percentile(99), "mean_batch": r.mean_batch} for r in results]
+                 "p99": r.percentile(99), "mean_batch": r.mean_batch, "cpu_ms_per_request": r.cpu_ms_per_request} for r in results]
         args.out.with_suffix(".json").write_text(json.dumps({"config": {k: str(v) for k, v in asdict(cfg).items()},
                                                              "results": rows}, indent=1), encoding="utf-8")
     return 0

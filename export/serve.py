@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
 from core import hardware
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.serve_app import ServeConfig, create_app
@@ -102,6 +104,7 @@ def load_captioner(cfg: ServeConfig):
     device = None if cfg.device == "auto" else cfg.device
     threads, why = inference_threads(cfg.threads)
     log.info("inference threads: %d (%s)", threads, why)
+    torch.set_num_threads(threads)  # torch runs the beam search's own ops: its idle OpenMP threads spin otherwise
     backend = load_backend(cfg.backend, cfg.model, threads=threads, device=device, verify=cfg.verify)
     return Captioner(backend, beam_size=cfg.beam_size, max_len=cfg.max_decode_len)
 
