@@ -119,10 +119,9 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(cfg: ServeConfig, captioner) -> None:
+def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
     import uvicorn
 
-    sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     app = create_app(captioner, cfg)
     config = uvicorn.Config(app, log_level="warning", access_log=cfg.access_log, lifespan="on",
@@ -151,15 +150,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        sock = bind(cfg.host, cfg.port)  # first: a taken port is said before the model takes seconds to load
+    except OSError as e:
+        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    try:
         captioner = load_captioner(cfg)
     except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    try:
-        serve(cfg, captioner)
-    except OSError as e:
-        print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
-        return 2
+    serve(cfg, captioner, sock)
     return 0
 
 
