@@ -18,6 +18,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -121,8 +122,11 @@ def ptb_tokenize(captions: Mapping[Hashable, Sequence[str]], java: str, pkg: Pat
 
 def _tokenize_all(gts, res, java: str | None, pkg: Path):
     if java is not None:
-        try:
-            return ptb_tokenize(gts, java, pkg), ptb_tokenize(res, java, pkg), "PTB (Stanford CoreNLP 3.4.1, Java)"
+        try:  # one Java start for both sides
+            both = ptb_tokenize({**{("g", k): v for k, v in gts.items()}, **{("r", k): v for k, v in res.items()}},
+                                java, pkg)
+            return ({k: both[("g", k)] for k in gts}, {k: both[("r", k)] for k in res},
+                    "PTB (Stanford CoreNLP 3.4.1, Java)")
         except (OSError, subprocess.SubprocessError) as e:
             reason = f"the PTB tokenizer failed ({str(e).splitlines()[0][:120]})"
     else:
@@ -132,6 +136,14 @@ def _tokenize_all(gts, res, java: str | None, pkg: Path):
     return tok, {k: [fallback_tokenize(c) for c in caps] for k, caps in res.items()}, note
 
 
+@functools.lru_cache(maxsize=1)
+def _meteor():
+    """One METEOR process per Python process: its start (loading the paraphrase table) costs seconds."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    return Meteor()
+
+
 def _java_metric(name: str, scorer_factory, gts, res) -> tuple[float | None, str]:
     """A Java-backed scorer, its failure turned into a reason instead of a traceback."""
     try:
@@ -139,6 +151,7 @@ def _java_metric(name: str, scorer_factory, gts, res) -> tuple[float | None, str
         score, _ = scorer.compute_score(gts, res)
         return float(score), ""
     except (OSError, subprocess.SubprocessError, ValueError, AssertionError, BrokenPipeError) as e:
+        _meteor.cache_clear()  # a dead METEOR process is not reused
         return None, f"{name} failed: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
 
 
@@ -171,9 +184,7 @@ def coco_caption_scores(hypotheses: Mapping[Hashable, str], references: Mapping[
         out.unavailable["meteor"] = "needs Java (METEOR 1.5 is a jar): install a JRE, e.g. apt-get install " \
                                     "openjdk-17-jre-headless"
     else:
-        from pycocoevalcap.meteor.meteor import Meteor
-
-        score, why = _java_metric("METEOR", Meteor, gts, res)
+        score, why = _java_metric("METEOR", _meteor, gts, res)
         out.scores.update(meteor=score) if score is not None else out.unavailable.update(meteor=why)
     out.scores["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
     out.scores["cider"] = float(Cider().compute_score(gts, res)[0])
