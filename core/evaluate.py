@@ -20,7 +20,7 @@ from typing import Any
 
 from core.captions import DataFormatError
 from core.cocoeval import CocoEvalUnavailable, CocoScores, coco_caption_scores
-from core.fileio import atomic_write_text, read_json
+from core.fileio import WriteError, atomic_write_text, read_json
 from core.layouts import DATASETS, DatasetNotFoundError
 
 
@@ -88,10 +88,11 @@ def run(args: argparse.Namespace) -> CocoScores:
     from core.data import load_flickr8k  # (imports torch: only when a dataset is read)
 
     t0 = time.perf_counter()
+    results = read_results(args.results)  # a bad results file fails before the dataset is read
     data = load_flickr8k(args.data, karpathy_json=args.karpathy_json, seed=args.split_seed, val_frac=args.val_frac,
                          test_frac=args.test_frac, dataset=args.dataset)
     names = data.splits[args.split]
-    captions = match_results(read_results(args.results), names, data.ids, args.results, args.split)
+    captions = match_results(results, names, data.ids, args.results, args.split)
     if len(captions) < len(names):
         print(f"note: the results cover {len(captions)} of the {len(names)} {args.split} images; "
               f"only those are scored", file=sys.stderr)
@@ -107,8 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (DataFormatError, DatasetNotFoundError, CocoEvalUnavailable) as e:
+    except (DataFormatError, DatasetNotFoundError, CocoEvalUnavailable, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the results file or --json cannot be opened
+        print(f"error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 
