@@ -146,5 +146,5 @@ class Captioner:
                 submit()
             while pending:
                 chunk, futures = pending.popleft()
-                submit()
                 yield from self._results(chunk, [f.result() for f in futures], keep_alphas)
+                submit()  # after this batch: at most prefetch batches load while one is captioned

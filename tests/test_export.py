@@ -131,34 +131,67 @@ def test_int8_step_really_is_quantized(art, manifest):
     q = onnx.load(str(art.export_dir / fmt.STEP_INT8_ONNX))
     consts = {t.name for t in q.graph.initializer}
     ops = [n.op_type for n in q.graph.node]
-    # the 7 weight matmuls: attention decoder_att/full_att, f_beta, LSTM hidden, LSTM input (split in its
-    # embedding and attention parts, each with its own activation scale), fc
-    assert ops.count("MatMulInteger") == 7
+    # 5 of the 7 weight matmuls: attention decoder_att, f_beta, LSTM hidden, LSTM input (split in its embedding
+    # and attention parts, each with its own activation scale); full_att (one column) and fc stay fp32
+    assert ops.count("MatMulInteger") == 5
     assert "Gemm" not in ops
-    float_mm = [n for n in q.graph.node if n.op_type == "MatMul"]
-    assert all(n.input[1] not in consts for n in float_mm)  # only alpha @ enc_out (two activations) stays float
+    float_weight = [n for n in q.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    assert len(float_weight) == 2 and any(".fc.weight" in n.input[1] for n in float_weight)
     assert any(t.data_type == onnx.TensorProto.INT8 for t in q.graph.initializer)
     info = manifest["graphs"]["decoder_step_int8"]
-    assert info["quantized_matmuls"] == info["weight_matmuls"] == 7 and info["float_weight_matmuls_left"] == []
+    assert info["quantized_matmuls"] == info["weight_matmuls"] == 5 and info["float_weight_matmuls_left"] == []
+    assert sorted(info["kept_float"]) == sorted(n.name for n in float_weight)
     optimized = info["ort_optimized_ops"]
-    assert optimized.get("DynamicQuantizeMatMul", 0) + optimized.get("MatMulIntegerToFloat", 0) == 7
+    assert optimized.get("DynamicQuantizeMatMul", 0) + optimized.get("MatMulIntegerToFloat", 0) == 5
+
+
+def test_int8_encoder_runs_every_convolution_in_int8(art, manifest):
+    info = manifest["graphs"]["encoder_int8"]
+    assert fmt.ENCODER_INT8_ONNX in manifest["files"]
+    # what ONNX Runtime really runs after fusing the QDQ pairs: one QLinearConv per Conv of the fp32 graph
+    assert info["int8_convs"] == info["convs"] == manifest["graphs"]["encoder"]["ops"]["Conv"] > 0
+    assert "Conv" not in info["ort_optimized_ops"]
+    assert info["calibration_images"] == 8  # --calib-images 8 of the training split
+    assert len(info["kept_float"]) == 3  # the Linear tail: encoder_att (MatMul), init_h and init_c (Gemm)
+    assert info["weight_format"] == manifest["graphs"]["decoder_step_int8"]["weight_format"]
 
 
 def test_int8_caption_agreement_is_reported(manifest):
     q = manifest["quantization"]["int8"]
-    print(f"\nint8 vs fp32 on {q['calibration_set']}: {q['identical_pct']}% identical, BLEU-4 {q['bleu4_vs_fp32']}, "
+    print(f"\nint8 vs fp32 on {q['check_set']}: {q['identical_pct']}% identical, BLEU-4 {q['bleu4_vs_fp32']}, "
           f"vs references {q.get('bleu4_vs_references')}, step along greedy paths {q['step_error_greedy']}")
-    assert q["images"] == 4 and q["calibration_set"] == "4 dataset images"  # the test split of 40 images
-    # The weight format comes from core.hardware.choose_int8 and is recorded with the exporting CPU.
-    assert q["weight_format"] == "reduce_range" and "reduce_range" in q["weight_format_reason"]
+    assert q["images"] == 4 and q["check_set"] == "4 held-out dataset images"  # the test split of 40 images
+    # The weight format comes from core.hardware.choose_int8 (the exporting CPU's VNNI) and is recorded with it.
+    vnni = "vnni" in q["exported_on"]
+    assert q["weight_format"] == ("u8s8" if vnni else "reduce_range")
     assert q["exported_on"].startswith(("AVX", "DEFAULT"))
-    # 7-bit weights: 4/4 here (AVX-512 VNNI) and on the AVX2-only kind, where full-range weights saturated
-    # VPMADDUBSW and gave 1/4. With 7 bits the u8s8 sums cannot saturate, so both kinds compute the same integers.
     assert q["identical_pct"] >= 75.0
     assert q["bleu4_vs_fp32"] >= 0.5
     assert set(q["bleu4_vs_references"]) == {"fp32", "other"}
     err = q["step_error_greedy"]
     assert err["logprobs_max_abs"] < 0.5 and err["top1_agreement_pct"] >= 80.0
+
+
+def test_int8_path_is_validated_against_fp32_on_held_out_images(manifest):
+    q = manifest["quantization"]["int8_path"]
+    assert q["images"] == 4 and q["check_set"] == "4 held-out dataset images"
+    assert "training images of" in q["calibration"] and q["calibration"].startswith("8 ")
+    assert q["thresholds"] == {"min_identical_pct": 95.0, "max_abs_bleu4_delta": 0.01}
+    delta = q["bleu4_vs_references"]["other"] - q["bleu4_vs_references"]["fp32"]
+    assert q["bleu4_delta_vs_references"] == pytest.approx(delta, abs=1e-4)
+    assert q["validated"] == (q["identical_pct"] >= 95.0 and abs(delta) <= 0.01)
+    assert f"{q['identical_pct']}% identical captions on 4 held-out images" in q["why"]
+
+
+def test_int8_judge_applies_both_thresholds():
+    def rec(pct, fp32, other):
+        return {"identical_pct": pct, "images": 100, "bleu4_vs_references": {"fp32": fp32, "other": other}}
+
+    assert parity.judge_int8(rec(96.0, 0.50, 0.495))[0]
+    assert not parity.judge_int8(rec(94.0, 0.50, 0.50))[0]  # too many captions changed
+    assert not parity.judge_int8(rec(99.0, 0.50, 0.48))[0]  # BLEU-4 moved by 0.02
+    ok, why = parity.judge_int8({"identical_pct": 100.0, "images": 3})
+    assert ok and "no reference captions" in why
 
 
 def test_gemm_to_matmul_rewrite_is_exact():

@@ -61,11 +61,41 @@ def test_cuda_bf16_where_the_gpu_has_it_else_fp16():
     assert hardware.choose_amp("fp16", "cuda", ampere).value is torch.float16
 
 
-def test_int8_format_is_portable_on_both_kinds():
-    # The exported file may run on a CPU without VNNI whatever made it: 7-bit weights on both.
-    assert hardware.choose_int8(AVX2_ONLY).value == hardware.choose_int8(AVX512_BF16).value == "reduce_range"
-    assert "no VNNI" in hardware.choose_int8(AVX2_ONLY).reason
+def test_int8_format_follows_the_instruction_set():
+    # VNNI sums int8 products in 32 bits: full-range weights; without it VPMADDUBSW saturates: 7-bit weights.
+    assert hardware.choose_int8(AVX512_BF16).value == "u8s8"
+    assert hardware.choose_int8(AVX2_ONLY).value == "reduce_range" and "no VNNI" in hardware.choose_int8(AVX2_ONLY).reason
+    assert hardware.choose_int8(AVX512_BF16, portable=True).value == "reduce_range"
     assert AVX512_BF16.cpu.vnni and not AVX2_ONLY.cpu.vnni
+
+
+VALID_U8S8 = {"validated": True, "weight_format": "u8s8", "why": "98% identical"}
+VALID_7BIT = {"validated": True, "weight_format": "reduce_range", "why": "97% identical"}
+
+
+def test_auto_precision_takes_int8_only_where_validated_and_native():
+    assert hardware.choose_precision("auto", AVX512_BF16, VALID_U8S8).value == "int8"
+    # a full-range file on a CPU without VNNI would saturate: fp32, saying why
+    no_vnni = hardware.choose_precision("auto", AVX2_ONLY, VALID_U8S8)
+    assert no_vnni.value == "fp32" and "without VNNI" in no_vnni.reason
+    assert hardware.choose_precision("auto", AVX2_ONLY, VALID_7BIT).value == "int8"
+    failed = hardware.choose_precision("auto", AVX512_BF16, {**VALID_U8S8, "validated": False, "why": "80% identical"})
+    assert failed.value == "fp32" and "80% identical" in failed.reason
+    assert hardware.choose_precision("auto", AVX512_BF16, None).value == "fp32"  # no int8 files
+    assert hardware.choose_precision("auto", AVX512_BF16, VALID_U8S8, device="cuda").value == "fp32"
+    assert hardware.choose_precision("auto", AVX512_BF16, VALID_U8S8).value != "bf16"  # bf16 is never validated
+
+
+def test_explicit_precision_is_obeyed_with_warnings():
+    forced = hardware.choose_precision("int8", AVX2_ONLY, {**VALID_U8S8, "validated": False, "why": "80%"})
+    assert forced.value == "int8" and "80%" in forced.warning and "VNNI" in forced.warning
+    assert hardware.choose_precision("int8", AVX512_BF16, VALID_U8S8).warning is None
+    assert "no int8 encoder" in hardware.choose_precision("int8", AVX512_BF16, None).warning
+    assert "emulated" in hardware.choose_precision("bf16", AVX2_ONLY, None).warning
+    assert hardware.choose_precision("bf16", AVX512_BF16, None).warning is None
+    assert hardware.choose_precision("fp32", AVX512_BF16, VALID_U8S8).value == "fp32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        hardware.choose_precision("int4", AVX512_BF16, None)
 
 
 def test_caption_path_and_dali_device_follow_the_gpu():

@@ -103,6 +103,89 @@ def test_int8_step_runs_and_mostly_agrees(art, backends):
     assert rate >= 75.0
 
 
+def test_int8_encoder_and_step_run_and_mostly_agree(art, backends):
+    int8 = load_backend("ort", art.export_dir, providers=["cpu"], threads=1, precision="int8")
+    assert int8.files == (fmt.ENCODER_INT8_ONNX, fmt.STEP_INT8_ONNX) and int8.precision.value == "int8"
+    assert "int8 encoder + int8 step" in int8.describe()
+    enc, ref = int8.encode(art.images), backends["ort"].encode(art.images)
+    cos = torch.nn.functional.cosine_similarity(enc.enc_out.flatten(1), ref.enc_out.flatten(1)).min().item()
+    same = torch.equal(enc.enc_out, ref.enc_out)
+    fp32 = Captioner(backends["ort"], beam_size=3).caption(art.images)
+    q = Captioner(int8, beam_size=3).caption(art.images)
+    rate = 100.0 * sum(a == b for a, b in zip(fp32, q)) / len(q)
+    print(f"\nint8 encoder: feature cosine >= {cos:.4f}; int8 encoder + step vs fp32 beam-3 captions identical on "
+          f"{len(q)} images: {rate:.0f}%")
+    assert not same and cos > 0.95  # quantized (not the fp32 graph), yet the same features
+
+
+def _with_int8_record(art, tmp_path, **record):
+    d = copy_export(art.export_dir, tmp_path / "exp")
+    m = json.loads((d / fmt.MANIFEST).read_text())
+    m["quantization"]["int8_path"].update(record)
+    (d / fmt.MANIFEST).write_text(json.dumps(m))
+    return d
+
+
+def test_auto_precision_follows_the_export_validation(art, tmp_path):
+    from core import hardware
+
+    portable = _with_int8_record(art, tmp_path / "a", validated=True, weight_format="reduce_range", why="fine")
+    b = load_backend("ort", portable, providers=["cpu"], threads=1, precision="auto")
+    assert b.precision.value == "int8" and b.files[0] == fmt.ENCODER_INT8_ONNX and "fine" in b.precision.reason
+    failed = _with_int8_record(art, tmp_path / "b", validated=False, why="50% identical captions")
+    b = load_backend("ort", failed, providers=["cpu"], threads=1, precision="auto")
+    assert b.precision.value == "fp32" and b.files == (fmt.ENCODER_ONNX, fmt.STEP_ONNX)
+    assert "50% identical" in b.precision.reason
+    full = _with_int8_record(art, tmp_path / "c", validated=True, weight_format="u8s8", why="fine")
+    b = load_backend("ort", full, providers=["cpu"], threads=1, precision="auto")
+    assert b.precision.value == ("int8" if hardware.detect().cpu.vnni else "fp32")
+    # eager and TorchScript run fp32 under auto; int8 there is refused
+    assert load_backend("eager", art.export_dir, device="cpu", precision="auto").precision.value == "fp32"
+    with pytest.raises(ValueError, match="ONNX only"):
+        load_backend("eager", art.export_dir, device="cpu", precision="int8")
+
+
+def test_bf16_precision_is_an_eager_bf16_encoder_with_the_fp32_step(art, backends):
+    b = load_backend("ort", art.export_dir, providers=["cpu"], threads=1, precision="bf16")
+    assert b.precision.value == "bf16" and "eager bf16 encoder + ort" in b.describe()
+    enc, ref = b.encode(art.images[:2]), backends["ort"].encode(art.images[:2])
+    assert enc.enc_out.dtype == torch.float32 and enc.enc_out.is_contiguous()
+    cos = torch.nn.functional.cosine_similarity(enc.enc_out.flatten(1), ref.enc_out.flatten(1)).min().item()
+    assert cos > 0.99  # bf16 features, the same as fp32's up to rounding
+    assert not torch.equal(enc.enc_out, ref.enc_out)  # bf16 rounding: not the fp32 encoder
+
+
+def test_caption_paths_loads_ahead_in_a_thread_pool(art, backends):
+    import threading
+
+    class Recording(Captioner):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.loaded, self.threads = [], set()
+
+        def load(self, path):
+            self.threads.add(threading.current_thread().name)
+            out = super().load(path)
+            self.loaded.append(str(path))
+            return out
+
+    paths = list(art.image_paths) * 2  # 16 files, batches of 2
+    cap = Recording(backends["ort"], beam_size=1)
+    it = cap.caption_paths(paths, batch_size=2, workers=3, prefetch=2)
+    first = next(it)
+    import time
+
+    deadline = time.time() + 10
+    while len(cap.loaded) < 6 and time.time() < deadline:  # 3 batches in flight: this one and 2 ahead
+        time.sleep(0.01)
+    assert first.ok and len(cap.loaded) == 6  # no more than prefetch batches ahead
+    rest = list(it)
+    assert [r.path for r in [first, *rest]] == [str(p) for p in paths]  # order kept
+    assert all(t.startswith("caption-load") for t in cap.threads) and len(cap.threads) >= 2
+    with pytest.raises(ValueError, match="prefetch"):
+        next(cap.caption_paths(paths, prefetch=-1))
+
+
 def test_eager_from_the_export_dir_equals_eager_from_the_checkpoint(art, backends, encodings):
     b = load_backend("eager", art.export_dir, device="cpu")
     assert isinstance(b, EagerBackend) and b.manifest is not None
