@@ -21,6 +21,7 @@ usage: ./launch.sh COMMAND [ARGS...]
                    one node, its rendezvous stores listening on 127.0.0.1 only (distributed/localrun.py)
   export [ARGS]    python export/to_onnx.py ARGS
   caption [ARGS]   python -m export.caption ARGS
+  evaluate [ARGS]  python -m core.evaluate RESULTS.json --data DIR --split test (the COCO caption metrics)
   check DATA_DIR   scan a dataset for bad images and caption lines (python -m core.data check)
   synth [ARGS]     python -m core.synthetic ARGS
   bench [ARGS]     python bench/report.py ARGS (benchmarks, markdown table, chart)
@@ -87,9 +88,11 @@ demo() {
                b - a, c - b, d - c, e - d, e - a }' >&2
     "$PY" - "$dir/run/test_metrics.json" <<'EOF' >&2
 import json, sys
+from distributed.report import fmt_coco
 m = json.load(open(sys.argv[1]))
 print(f"[demo] held-out test ({m['images']} images, beam {m['beam_size']}, {m['weights']}): BLEU-4 {m['bleu4']:.3f}, "
-      f"CIDEr-D {m['cider']:.3f}; {m['steps']} steps, {m['train_seconds']:.0f}s of training")
+      f"CIDEr-D {m['cider']:.3f} (fast metrics); {m['steps']} steps, {m['train_seconds']:.0f}s of training")
+print(f"[demo] {fmt_coco(m)}")
 EOF
 }
 
@@ -107,6 +110,7 @@ case "$cmd" in
         ;;
     export) setup; exec "$PY" export/to_onnx.py "$@" ;;
     caption) setup; exec "$PY" -m export.caption "$@" ;;
+    evaluate) setup; exec "$PY" -m core.evaluate "$@" ;;
     check) setup; exec "$PY" -m core.data check "$@" ;;
     synth) setup; exec "$PY" -m core.synthetic "$@" ;;
     bench) setup; exec "$PY" bench/report.py "$@" ;;
