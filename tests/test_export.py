@@ -285,3 +285,43 @@ def test_torchscript_only_when_asked():
     args = to_onnx.build_parser().parse_args
     assert args([]).torchscript is False
     assert args(["--torchscript"]).torchscript is True and args(["--no-torchscript"]).torchscript is False
+
+
+def test_attention_energies_by_blocks_of_regions_are_exact(tmp_path):
+    """The step computes its energies a block of regions at a time (cache-sized); the values are the plain
+    formula's, bit for bit, in eager and in the exported graph."""
+    import onnxruntime as ort
+
+    from core.model import ENERGY_BLOCK, Attention
+    from export.graphs import STEP_DYNAMIC, StepGraph, export_onnx_graph
+
+    torch.manual_seed(0)
+    att = Attention(encoder_dim=16, decoder_dim=8, attention_dim=512).eval()
+    n, k, p = 3, 2, 196  # 196 regions of 512: blocks of 28
+    assert p > ENERGY_BLOCK // 512
+    enc_out, h = torch.randn(n, p, 16), torch.randn(n * k, 8)
+    enc_att = att.encoder_att(enc_out)
+    with torch.no_grad():
+        awe, alpha = att.attend(enc_out, enc_att, h)
+        dec = att.decoder_att(h).view(n, k, 1, 512)
+        plain = torch.softmax(att.full_att(torch.relu(enc_att.unsqueeze(1) + dec)).squeeze(-1), -1).reshape(-1, p)
+    assert torch.equal(alpha, plain)
+
+    from core.model import CaptionModel, ModelConfig
+
+    model = CaptionModel(ModelConfig(vocab_size=20, backbone="resnet18", image_size=32, encoded_size=14,
+                                     attention_dim=512, embed_dim=8, decoder_dim=8)).eval()
+    with torch.no_grad():
+        enc = model.encode(torch.randn(2, 3, 32, 32))
+    args = (torch.tensor([1, 5, 7, 2]), enc.h.repeat_interleave(2, 0), enc.c.repeat_interleave(2, 0), enc.enc_out,
+            enc.enc_att)
+    path = tmp_path / "step.onnx"
+    export_onnx_graph(StepGraph(model), args, path, fmt.STEP_INPUTS, fmt.STEP_OUTPUTS, STEP_DYNAMIC, 18, "M")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("Relu") == 7  # one block of 28 regions each
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {name: t.numpy() for name, t in zip(fmt.STEP_INPUTS, args)})
+    with torch.no_grad():
+        ref = model.step(*args)
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
