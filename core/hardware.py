@@ -337,6 +337,8 @@ def table(hw: Hardware | None = None) -> list[tuple[str, str]]:
         ("-> training precision", f"{dtype_name(amp.value)}: {amp.reason}"),
         ("-> captioning path", choose_caption_path(hw).reason),
         ("-> int8 export", choose_int8(hw).reason),
+        ("-> --precision auto", "int8 encoder + step where the export validated them and their format runs here "
+                                f"({'any' if hw.cpu.vnni else '7-bit (reduce_range) only: no VNNI'}), else fp32"),
         ("-> DALI decoder", choose_dali_device(hw, device).reason),
     ]
     rows += [("note", n) for n in hw.notes]
