@@ -231,7 +231,8 @@ def evaluate_targets(rows: list[dict], quick: bool) -> list[dict[str, Any]]:
     for kind, goal in (("caption_small", 3), ("caption_large", 5)):
         s = speedup(rows, kind, "auto")
         a = find(rows, kind, "auto")
-        why = f"auto ran {a['info'].get('precision', '?')}" if a else ""
+        why = (f"auto ran {a['info'].get('precision', '?')} ({a['info'].get('precision_reason', '')}); the "
+               f"ort_int8full row is what it runs for an export whose int8 check passed") if a else ""
         add(f"end to end, {CFG_IMAGES[kind]}, beam 5: --precision auto vs reference", None if s is None else f"{s:.2f}x",
             f">= {goal}x", s is not None and s >= goal, why)
 

@@ -35,7 +35,10 @@ def _record_agreement(benchmark, suite, kind, backend, result):
 def test_caption_end_to_end(benchmark, bench_suite, device, kind, backend):
     suite = bench_suite(device)
     n = suite.cfg.n_images(kind)
-    extra = {"precision": suite.backend(backend).precision.value} if backend == "auto" else {}
+    extra = {}
+    if backend == "auto":  # what auto took for this export on this CPU, and why
+        choice = suite.backend(backend).precision
+        extra = {"precision": choice.value, "precision_reason": choice.reason}
     result = run(benchmark, suite, kind, backend, suite.caption_fn(backend, n), **extra)
     _record_agreement(benchmark, suite, kind, backend, result)
 
