@@ -33,9 +33,6 @@ Backends (names used in the tests and the report):
 
 from __future__ import annotations
 
-import contextlib
-import os
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -387,36 +384,3 @@ def get_suite(cfg: BenchConfig, device: str = "cpu", tmp_root: Path | None = Non
         model = model.to(device)
         _SUITES[key] = Suite(cfg, device, model, vocab, export_dir)
     return _SUITES[key]
-
-
-# --------------------------------------------------------------------------------------------- the machine
-def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """The machine as the report names it: core.hardware's detection, software versions, threads, load."""
-    import numpy as np
-
-    from core import hardware
-
-    hw = hardware.detect()
-    info: dict[str, Any] = {
-        "cpu_model": hw.cpu.model,
-        "cpu_cores": hw.cpu.cores,
-        "cpu_flags": sorted(hw.cpu.flags),
-        "capability": hardware.capability_tag(hw),
-        "hardware": hardware.summary(hw),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    with contextlib.suppress(Exception):
-        import onnxruntime as ort
-
-        info["onnxruntime"] = ort.__version__
-        info["ort_providers"] = ort.get_available_providers()
-    with contextlib.suppress(Exception):
-        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
-    if hw.gpus:
-        info["gpu"] = hw.gpus[0].name
-        info["cuda"] = torch.version.cuda
-    return info
