@@ -29,12 +29,13 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script (python bench/report.py): make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import results
+from bench.rows import BACKEND_LABEL, _fmt_ms, _order, group_rows, label, load_rows
+from bench.targets import evaluate_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,24 +44,6 @@ DEFAULT_BUDGET_MIN = 10.0  # start-up included: it ends within 12 minutes, on th
 TRAIN_FILE = BENCH / "test_bench_train.py"  # the training benchmarks (owned by the training code's authors)
 FAMILIES = {"encoder": "bench_encoder", "step": "bench_step", "caption": "bench_caption", "beam": "bench_beam",
             "train": "bench_train"}
-BACKEND_ORDER = ["reference", "eager", "eager_bf16", "torchscript", "ort", "ort_int8", "ort_fp16", "ort_bf16enc",
-                 "ort_int8enc", "ort_int8full", "auto"]
-BACKEND_LABEL = {
-    "reference": "reference (tutorial, per image)",
-    "eager": "eager fp32",
-    "eager_bf16": "eager bf16 autocast",
-    "torchscript": "TorchScript",
-    "ort": "ONNX Runtime fp32",
-    "ort_int8": "ONNX Runtime int8 step",
-    "ort_fp16": "ONNX Runtime fp16",
-    "ort_bf16enc": "eager bf16 encoder + ORT fp32 step",
-    "ort_int8enc": "ORT int8 encoder (shipped) + ORT fp32 step",
-    "ort_int8full": "ORT int8 encoder + int8 step (--precision int8)",
-    "auto": "--precision auto (the caption command's default)",
-}
-ENCODER_LABEL = {"ort_int8enc": "ORT int8 encoder (shipped)"}  # the step part is unused in encoder groups
-CFG_IMAGES = {"caption_small": "1 image", "caption_large": "32 images"}
-KIND_ORDER = ["encoder_small", "encoder_large", "step_small", "step_large", "caption_small", "caption_large", "beam_large"]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -98,66 +81,6 @@ def run_pytest(args: argparse.Namespace, results_path: Path, deadline: float) ->
 
 
 # ------------------------------------------------------------------------------------------------- tables
-def load_rows(data: dict) -> list[dict[str, Any]]:
-    rows = []
-    for b in data.get("benchmarks", []):
-        info = dict(b.get("extra_info") or {})
-        st = b["stats"]
-        rows.append({
-            "name": b["name"],
-            "group": b.get("group") or "(no group)",
-            "kind": info.get("kind"),
-            "backend": info.get("backend", b["name"]),
-            "device": info.get("device", "cpu"),
-            "median_ms": st["median"] * 1e3,
-            "min_ms": st["min"] * 1e3,
-            "max_ms": st["max"] * 1e3,
-            "rounds": st["rounds"],
-            "info": info,
-        })
-    return rows
-
-
-def label(row: dict) -> str:
-    if (row["kind"] or "").startswith("encoder") and row["backend"] in ENCODER_LABEL:
-        return ENCODER_LABEL[row["backend"]]
-    return BACKEND_LABEL.get(row["backend"], row["backend"])
-
-
-def _fmt_ms(ms: float) -> str:
-    if ms >= 1000:
-        return f"{ms / 1000:.2f} s"
-    if ms >= 10:
-        return f"{ms:.1f} ms"
-    return f"{ms:.2f} ms"
-
-
-def _order(row: dict) -> tuple:
-    b = row["backend"]
-    return (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), row["name"])
-
-
-def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for r in sorted(rows, key=lambda r: (KIND_ORDER.index(r["kind"]) if r["kind"] in KIND_ORDER else 99, r["group"])):
-        groups.setdefault(r["group"], []).append(r)
-    return {g: sorted(rs, key=_order) for g, rs in groups.items()}
-
-
-def find(rows: list[dict], kind: str, backend: str, device: str = "cpu") -> dict | None:
-    for r in rows:
-        if r["kind"] == kind and r["backend"] == backend and r["device"] == device:
-            return r
-    return None
-
-
-def speedup(rows: list[dict], kind: str, backend: str, device: str = "cpu", base: str = "reference") -> float | None:
-    r, ref = find(rows, kind, backend, device), find(rows, kind, base, device)
-    if r is None or ref is None:
-        return None
-    return ref["median_ms"] / r["median_ms"]
-
-
 def group_table(rs: list[dict]) -> list[str]:
     ref = next((r for r in rs if r["backend"] == "reference"), None)
     base_label = "vs reference" if ref else "vs fastest"
@@ -205,103 +128,6 @@ def row_notes(r: dict) -> str:
     if "top1_agreement_vs_eager" in info and r["backend"] != "eager":
         notes.append(f"top-1 word = eager: {info['top1_agreement_vs_eager']:.0%}, max |dlogp| {info['max_abs_diff_logprobs_vs_eager']:.1e}")
     return "; ".join(notes)
-
-
-# ------------------------------------------------------------------------------------------------ targets
-def _per_image_encoder_ms(rows: list[dict], backend: str) -> float | None:
-    """Encoder time per image from the largest encoder batch measured (the encoder group, not the end to end)."""
-    r = find(rows, "encoder_large", backend) or find(rows, "encoder_small", backend)
-    return r["median_ms"] / r["info"]["images"] if r and r["info"].get("images") else None
-
-
-def evaluate_targets(rows: list[dict], quick: bool) -> list[dict[str, Any]]:
-    """Each target: what was measured, the goal, met / MISSED / not measured, and why where it can tell."""
-    out = []
-
-    def add(name, value, goal, met, why=""):
-        status = "not measured" if value is None else ("met" if met else "MISSED")
-        out.append({"target": name, "measured": value, "goal": goal, "status": status, "why": why if status == "MISSED" else ""})
-
-    def report(name, value):
-        if value:
-            out.append({"target": name, "measured": value, "goal": "-", "status": "reported", "why": ""})
-
-    s = speedup(rows, "caption_small", "ort")
-    add("end to end, 1 image, beam 5: ORT vs reference", None if s is None else f"{s:.2f}x", ">= 3x", s is not None and s >= 3)
-    for kind, goal in (("caption_small", 3), ("caption_large", 5)):
-        s = speedup(rows, kind, "auto")
-        a = find(rows, kind, "auto")
-        why = (f"auto ran {a['info'].get('precision', '?')} ({a['info'].get('precision_reason', '')}); the "
-               f"ort_int8full row is what it runs for an export whose int8 check passed") if a else ""
-        add(f"end to end, {CFG_IMAGES[kind]}, beam 5: --precision auto vs reference", None if s is None else f"{s:.2f}x",
-            f">= {goal}x", s is not None and s >= goal, why)
-
-    s = speedup(rows, "caption_large", "ort")
-    why = []
-    e2e, beam = find(rows, "caption_large", "ort"), find(rows, "beam_large", "ort")
-    enc_ms = _per_image_encoder_ms(rows, "ort")
-    if e2e and enc_ms:
-        n = e2e["info"]["images"]
-        why.append(f"ORT's fp32 encoder alone needs {_fmt_ms(n * enc_ms)} for {n} images (encoder group: "
-                   f"{_fmt_ms(enc_ms)} per image), {n * enc_ms / e2e['median_ms']:.0%} of its end-to-end median"
-                   + (f"; beam search alone takes {_fmt_ms(beam['median_ms'])}" if beam else ""))
-        if beam:
-            parts = n * enc_ms + beam["median_ms"]
-            if e2e["median_ms"] > 1.5 * parts:
-                why.append(f"the end-to-end median is {e2e['median_ms'] / parts:.1f}x the sum of its parts timed "
-                           "separately (encoder + beam search alone): the machine's load changed during the run, "
-                           "rerun on an idle machine")
-        ref_enc = _per_image_encoder_ms(rows, "reference")
-        if ref_enc:
-            why.append(f"the reference's own encoder is only {ref_enc / enc_ms:.2f}x slower per image, so the encoder "
-                       "bounds the ratio")
-    others = [(b, speedup(rows, "caption_large", b)) for b in ("ort_int8full", "ort_int8enc", "ort_bf16enc", "ort_int8")]
-    others = [(b, x) for b, x in others if x]
-    if others:
-        why.append("other paths: " + ", ".join(f"{BACKEND_LABEL[b]} {x:.2f}x" for b, x in others))
-    add("end to end, 32 images, beam 5: ORT throughput vs reference", None if s is None else f"{s:.2f}x", ">= 5x",
-        s is not None and s >= 5, "; ".join(why))
-
-    s = speedup(rows, "beam_large", "ort")
-    step = find(rows, "step_large", "ort")
-    why = ""
-    if step and beam:
-        steps = beam["info"].get("max_len", 20)
-        why = (f"{steps} ORT steps of {step['info'].get('rows', '?')} rows take {_fmt_ms(steps * step['median_ms'])} of the "
-               f"{_fmt_ms(beam['median_ms'])} (decoder-step group); the rest is the search's own bookkeeping")
-    add("beam search alone, 32 x 5: ORT vs reference", None if s is None else f"{s:.2f}x", ">= 12x", s is not None and s >= 12, why)
-
-    r = find(rows, "step_small", "ort")
-    mult = r["median_ms"] / r["info"]["floor_ms"] if r and r["info"].get("floor_ms") else None
-    add("decoder step, 1 x 5: ORT fp32 vs memory floor", None if mult is None else f"{mult:.2f}x the floor", "<= 2x",
-        mult is not None and mult <= 2)
-
-    s = speedup(rows, "step_small", "ort_int8", base="ort")
-    add("decoder step, 1 x 5: ORT int8 vs ORT fp32", None if s is None else f"{s:.2f}x", ">= 1.5x", s is not None and s >= 1.5)
-    s = speedup(rows, "step_large", "ort_int8", base="ort")
-    report("decoder step, 32 x 5: ORT int8 vs ORT fp32 (reported, no goal)", None if s is None else f"{s:.2f}x")
-    rates = []
-    for kind in ("caption_small", "caption_large", "beam_large"):
-        a = find(rows, kind, "ort_int8")
-        if a and "caption_agreement_vs_eager" in a["info"]:
-            rates.append(f"{a['info']['caption_agreement_vs_eager']:.0%} of captions, "
-                         f"{a['info'].get('token_agreement_vs_eager', float('nan')):.0%} of words ({a['group']})")
-    report("int8 step: caption agreement with eager fp32 (reported, no goal)", "; ".join(rates))
-
-    bad, checked = [], 0
-    for r in rows:
-        if r["backend"] in ("torchscript", "ort") and "caption_agreement_vs_eager" in r["info"]:
-            checked += 1
-            if r["info"]["caption_agreement_vs_eager"] < 1.0:
-                bad.append(f"{r['backend']} on {r['group']}: {r['info']['caption_agreement_vs_eager']:.0%}")
-    add("exported fp32 captions identical to eager fp32", None if not checked else ("all identical" if not bad else "; ".join(bad)),
-        "100%", checked > 0 and not bad)
-    if quick:
-        for t in out:
-            if t["status"] in ("met", "MISSED"):
-                t["status"] = f"({t['status']}; quick shapes: not judged)"
-                t["why"] = ""
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- chart
