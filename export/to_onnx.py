@@ -322,7 +322,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     max_len = caption_max_len(args.max_decode_len, state)
     source = {"checkpoint": str(Path(ckpt).resolve()), "checkpoint_sha256": fmt.sha256_file(ckpt)}
     check, refs, quant = None, None, None
-    found = calibration_data(args.calib_data, state)
+    found = calibration_data(args.calib_data, state) if args.quantize or args.fp16 else None  # only they use it
     if found:
         data, where = found
         check, refs = _split_images(data, args.split, model.cfg.image_size, args.check_images)
