@@ -325,3 +325,16 @@ def test_attention_energies_by_blocks_of_regions_are_exact(tmp_path):
         ref = model.step(*args)
     for a, b in zip(got, ref):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_data_defaults_to_the_checkpoints_own_dataset(art, tmp_path, capsys):
+    train = {"data": str(art.data_dir), "split_seed": 0, "val_frac": 0.1, "test_frac": 0.1}
+    data, where = to_onnx.calibration_data(None, {"train_config": train})
+    assert "the checkpoint's training data" in where and len(data.splits["train"]) == 32
+    assert to_onnx.calibration_data(None, {"train_config": {**train, "data": str(tmp_path / "gone")}}) is None
+    assert to_onnx.calibration_data(None, {}) is None
+    # an explicit --calib-data that is not there is a clear error, not a traceback
+    rc = to_onnx.main(["--checkpoint", str(art.checkpoint), "--out", str(tmp_path / "out"), "--quantize", "int8",
+                       "--calib-data", str(tmp_path / "nowhere"), "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error:") and "nowhere" in err and "Traceback" not in err
