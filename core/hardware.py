@@ -279,7 +279,7 @@ def choose_caption_path(hw: Hardware, device: str = "auto") -> Choice:
     """ONNX Runtime provider and precision for captioning on this machine."""
     if device in ("auto", "cuda") and hw.ort_cuda:
         return Choice(("ort", "cuda", "fp32"), "ONNX Runtime CUDA provider, fp32 (IO binding)")
-    reason = "ONNX Runtime CPU provider (precision: --precision)"
+    reason = "ONNX Runtime CPU provider"
     if device == "auto" and hw.cuda and not hw.ort_cuda:
         reason += " (a GPU is visible but ONNX Runtime's CUDA provider does not start)"
     return Choice(("ort", "cpu", "fp32"), reason)
@@ -338,7 +338,7 @@ def table(hw: Hardware | None = None) -> list[tuple[str, str]]:
         ("-> captioning path", choose_caption_path(hw).reason),
         ("-> int8 export", choose_int8(hw).reason),
         ("-> --precision auto", "int8 encoder + step where the export validated them and their format runs here "
-                                f"({'any' if hw.cpu.vnni else '7-bit (reduce_range) only: no VNNI'}), else fp32"),
+                                f"({'both weight formats: VNNI' if hw.cpu.vnni else '7-bit (reduce_range) files only: no VNNI'}), else fp32"),
         ("-> DALI decoder", choose_dali_device(hw, device).reason),
     ]
     rows += [("note", n) for n in hw.notes]
