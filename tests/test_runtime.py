@@ -98,8 +98,8 @@ def test_int8_step_runs_and_mostly_agrees(art, backends):
     q = Captioner(int8, beam_size=3).caption(art.images)
     rate = 100.0 * sum(a == b for a, b in zip(fp32, q)) / len(q)
     print(f"\nint8 vs fp32 beam-3 captions identical on {len(q)} images: {rate:.0f}%")
-    # 7/8 with 7-bit weights (reduce_range) on AVX-512 VNNI and on AVX2-only CPUs alike (85% of all 40 synthetic
-    # images); full-range weights gave 3/8 on AVX2, where VPMADDUBSW's 16-bit sums saturate.
+    # The export's format follows its CPU (core.hardware.choose_int8): full-range weights with VNNI, 7-bit without
+    # (7/8 on AVX2-only, where full-range weights saturated VPMADDUBSW's 16-bit sums and gave 3/8).
     assert rate >= 75.0
 
 
