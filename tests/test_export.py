@@ -334,6 +334,7 @@ def test_calibration_data_defaults_to_the_checkpoints_own_dataset(art, tmp_path,
     assert to_onnx.calibration_data(None, {"train_config": {**train, "data": str(tmp_path / "gone")}}) is None
     assert to_onnx.calibration_data(None, {}) is None
     # an explicit --calib-data that is not there is a clear error, not a traceback
+    capsys.readouterr()
     rc = to_onnx.main(["--checkpoint", str(art.checkpoint), "--out", str(tmp_path / "out"), "--quantize", "int8",
                        "--calib-data", str(tmp_path / "nowhere"), "-q"])
     err = capsys.readouterr().err
