@@ -6,7 +6,8 @@
     logprobs, h, c, alpha = backend.step(words, h, c, enc.enc_out, enc.enc_att)   # M = N x k rows
 
 Every backend takes and returns torch tensors, so ``core.decode.beam_search`` drives all of them the same way.
-Before any session is created, the manifest's sha256 of each file is checked (tampered files are refused) and
+Before any session is created, the manifest's sha256 of each file is checked (a file changed after the export is
+refused; a manifest rewritten along with it is not, unless pinned: see export/manifest.py) and
 ONNX external-data locations must stay inside the export directory. Where CUDA is used by default is decided
 by ``core.hardware``.
 """

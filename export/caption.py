@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results-json", type=Path, default=None,
                    help="with --data: write the captions as COCO results [{image_id, caption}] for core.evaluate")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
+    p.add_argument("--expect-sha256", metavar="HEX", default=None,
+                   help="refuse the model unless manifest.json (or the checkpoint file) has this sha256, the one "
+                        "the exporter logged: the manifest's hashes only catch files changed without it")
     p.add_argument("--progress-every", type=positive_int, default=100,
                    help="without a terminal: a progress line every N images (default 100)")
     add_verbosity_args(p)
@@ -190,7 +193,8 @@ def load_captioner(args: argparse.Namespace):
         print("warning: --int8 is deprecated, use --precision int8", file=sys.stderr)
         args.precision = "int8"
     backend = load_backend(args.backend, args.model, threads=args.threads, fp16=args.fp16, device=device,
-                           verify=not args.no_verify, precision="fp32" if args.fp16 else args.precision)
+                           verify=not args.no_verify, precision="fp32" if args.fp16 else args.precision,
+                           expect_sha256=args.expect_sha256)
     return Captioner(backend, beam_size=args.beam_size, max_len=args.max_decode_len, length_norm=args.length_norm,
                      search=args.search)
 
@@ -357,8 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
-    log.info("%s, beam %d (%s search), max_len %d; %s", captioner.backend.describe(), args.beam_size, args.search,
-             captioner.max_len, path_reason(args.backend, args.device))
+    log.info("%s, beam %d (%s search), max_len %d; %s; precision %s", captioner.backend.describe(), args.beam_size,
+             args.search, captioner.max_len, path_reason(args.backend, args.device), captioner.backend.precision)
     for e in inputs.errors:
         print(f"error: {printable(e)}", file=sys.stderr)
     t0 = time.perf_counter()

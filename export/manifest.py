@@ -16,6 +16,17 @@ An export directory holds::
     encoder.fp16.onnx, decoder_step.fp16.onnx  (--fp16, CUDA only) float32 interface, float16 inside
     encoder.ts, decoder_step.ts                (--torchscript) TorchScript traces of the same two graphs
     model.safetensors, model.json              weights + config for the eager backend (no pickle)
+
+What the manifest's hashes do and do not protect. They are integrity, not authenticity: a file damaged or
+changed after the export, alone, is refused; but anyone who can write the directory can also rewrite
+``manifest.json`` with the new hashes, and the runtime cannot tell. TorchScript files (``*.ts``) are code: a
+replaced ``encoder.ts`` runs whatever it holds when loaded, so load TorchScript only from a directory that only
+you can write. To catch a rewritten manifest, pin it: the exporter logs the manifest's sha256, and
+``python -m export.caption --expect-sha256 HEX`` (``load_backend(..., expect_sha256=HEX)``) refuses the export
+unless ``manifest.json`` still has that hash, which, with the manifest's own hashes, pins every file. That
+protects against the directory being changed after you recorded the hash (a shared or synced folder, a copy
+from elsewhere); it does not say who made the export, and the check and the load are two reads, so someone
+writing the directory during the load itself is not covered (copy it somewhere only you can write first).
 """
 
 from __future__ import annotations
@@ -55,7 +66,8 @@ STEP_OUTPUTS = ("logprobs", "h_next", "c_next", "alpha")
 
 
 class ExportFormatError(RuntimeError):
-    """An export directory or one of its files is missing, corrupt, tampered with or unsafe (names the file)."""
+    """An export directory or one of its files is missing, corrupt, changed since the export, or unsafe (names
+    the file)."""
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -106,6 +118,24 @@ def safe_relative(name: str) -> bool:
         return False
     p = Path(name)
     return not p.is_absolute() and ".." not in p.parts and not name.startswith("~")
+
+
+def check_pinned(path: str | os.PathLike, expected: str) -> str:
+    """Refuse ``path`` (an export directory's manifest.json, or a checkpoint file) unless its sha256 is
+    ``expected`` (64 hex digits, from a source you trust: see the module docstring). Returns the digest."""
+    path = Path(path)
+    target = path / MANIFEST if path.is_dir() else path
+    expected = expected.strip().lower()
+    if len(expected) != 64 or any(ch not in "0123456789abcdef" for ch in expected):
+        raise ExportFormatError(f"expected sha256 {expected!r}: not 64 hexadecimal digits")
+    if not target.is_file():
+        raise ExportFormatError(f"{target}: not found, cannot check its sha256")
+    digest = sha256_file(target)
+    if digest != expected:
+        raise ExportFormatError(f"{target}: sha256 {digest[:16]}... is not the expected {expected[:16]}...: the "
+                                "export was changed since its hash was recorded (or another one was given); "
+                                "refusing to load it")
+    return digest
 
 
 def read_verified(export_dir: str | os.PathLike, manifest: dict[str, Any], name: str, verify: bool = True) -> bytes:

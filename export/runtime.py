@@ -41,6 +41,7 @@ from export.manifest import (
     MANIFEST,
     SAFETENSORS,
     ExportFormatError,
+    check_pinned,
     default_preprocess,
     read_manifest,
     transform_for,
@@ -99,7 +100,7 @@ def resolve_precision(requested: str, path: Path, backend: str, device: str | No
     on = "cuda" if device == "cuda" or (device is None and hw.ort_cuda) else "cpu"
     manifest = read_manifest(path) if requested in ("auto", "int8") else None
     choice = hardware.choose_precision(requested, hw, int8_record(manifest), on)
-    log.info("precision %s: %s", choice.value, choice.reason)
+    log.debug("precision %s: %s", choice.value, choice.reason)  # the caller logs it with the rest of its set-up
     if choice.warning:
         log.warning("precision %s: %s", choice.value, choice.warning)
     return choice
@@ -120,15 +121,18 @@ def _load_eager(path: Path, device: str | None, verify: bool) -> EagerBackend:
 
 def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads: int | None = None,
                  int8: bool = False, fp16: bool = False, device: str | None = None, verify: bool = True,
-                 precision: str = "fp32") -> Backend:
+                 precision: str = "fp32", expect_sha256: str | None = None) -> Backend:
     """``name`` in ort|torchscript|eager. ``path``: an export directory; for eager also a checkpoint .pt.
 
     eager + directory: the export's model.safetensors (written by export/to_onnx.py unless --no-safetensors),
     or a directory holding only model.safetensors + model.json (core.checkpoint.save_safetensors).
     ``precision``: fp32 | int8 | bf16 | auto (module docstring); ``int8=True`` alone is the int8 step with the fp32
     encoder. The backend's ``precision`` attribute holds the choice (a core.hardware.Choice).
+    ``expect_sha256``: refuse unless manifest.json (or the checkpoint file) has this sha256 (export/manifest.py).
     """
     path = Path(path)
+    if expect_sha256:
+        check_pinned(path, expect_sha256)
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name}; expected one of {', '.join(BACKENDS)}")
     if name != "eager" and path.is_file():

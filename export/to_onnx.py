@@ -229,7 +229,8 @@ def export_model(model: CaptionModel, vocab: Vocabulary, out_dir: str | os.PathL
         if not isinstance(e, ParityError):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("export written to %s in %.1f s", out_dir, manifest["export_seconds"])
+    log.info("export written to %s in %.1f s; manifest sha256 %s (pin it: caption --expect-sha256)", out_dir,
+             manifest["export_seconds"], fmt.sha256_file(Path(out_dir) / fmt.MANIFEST))
     return manifest
 
 

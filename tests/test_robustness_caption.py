@@ -109,3 +109,34 @@ def test_figure_write_failures_are_one_error_each_and_captioning_goes_on(model, 
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and all("could not write figures" in e and "File too large" in e for e in errors), errors
     assert not [p for p in figures.iterdir() if p.suffix == ".png"]  # no partial figure left behind
+
+
+def test_a_pinned_manifest_hash_refuses_an_export_rewritten_with_consistent_hashes(model, tmp_path):
+    """The manifest is integrity, not authenticity: a changed file with its manifest entry updated loads; pinning
+    the manifest's sha256 (--expect-sha256) refuses it."""
+    import json
+    import shutil
+
+    from export.manifest import MANIFEST, sha256_file
+
+    image = tmp_path / "a.jpg"
+    image.write_bytes(corpus.jpeg())
+    pinned = sha256_file(model / MANIFEST)
+    ok = _caption(model, str(image), "--expect-sha256", pinned.upper())
+    assert ok.returncode == 0, ok.stderr.decode()
+    forged = tmp_path / "forged"
+    shutil.copytree(model, forged)
+    vocab = json.loads((forged / "vocab.json").read_text())
+    vocab["itos"][4:6] = vocab["itos"][5:3:-1]  # two words swapped: every caption now says something else
+    (forged / "vocab.json").write_text(json.dumps(vocab))
+    manifest = json.loads((forged / MANIFEST).read_text())
+    manifest["files"]["vocab.json"].update(sha256=sha256_file(forged / "vocab.json"),
+                                           bytes=(forged / "vocab.json").stat().st_size)
+    (forged / MANIFEST).write_text(json.dumps(manifest))
+    assert _caption(forged, str(image)).returncode == 0  # what the hashes alone cannot catch
+    refused = _caption(forged, str(image), "--expect-sha256", pinned)
+    err = refused.stderr.decode()
+    assert refused.returncode == 2 and "Traceback" not in err and refused.stdout == b"", err
+    assert f"{forged / MANIFEST}: sha256" in err and "changed since its hash was recorded" in err
+    bad = _caption(model, str(image), "--expect-sha256", "abc")
+    assert bad.returncode == 2 and "not 64 hexadecimal digits" in bad.stderr.decode()
