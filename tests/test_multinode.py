@@ -67,6 +67,7 @@ def _finish(proc: subprocess.Popen, out: Path, timeout: float = 150) -> str:
     return log
 
 
+@pytest.mark.slow  # the restart test below runs the same two nodes through training, and more
 def test_two_nodes_train_and_end_with_the_same_weights(synthetic_data, tmp_path, out):
     port, hashes = _free_port(), tmp_path / "hashes"
     env = {"FAULT_PARAM_HASH_DIR": str(hashes)}  # each rank writes a hash of its final weights
@@ -79,14 +80,16 @@ def test_two_nodes_train_and_end_with_the_same_weights(synthetic_data, tmp_path,
     assert load_checkpoint(out / "last.pt")["world_size"] == 2
 
 
-def test_a_killed_node_restarts_and_the_job_resumes_from_the_last_checkpoint(synthetic_data, out):
+def test_a_killed_node_restarts_and_the_job_resumes_from_the_last_checkpoint(synthetic_data, tmp_path, out):
     """Node 1's training process is SIGKILLed from outside mid-training; both agents restart their workers
     (--max-restarts=1), which resume from last.pt and finish. (Replacing node 1's whole agent by a new one does not
     work with torch 2.14's c10d rendezvous: the new agent waits forever for the master address, which the old
     rank-0 agent only publishes in its first round; see README.)"""
     port = _free_port()
     flags = ("--epochs", "4", "--save-every", "2")
-    nodes = [_node(rank, port, synthetic_data, out, *flags, restarts=1) for rank in (0, 1)]
+    hashes = tmp_path / "hashes"  # each rank writes a hash of its final weights
+    nodes = [_node(rank, port, synthetic_data, out, *flags, restarts=1, env={"FAULT_PARAM_HASH_DIR": str(hashes)})
+             for rank in (0, 1)]
     deadline = time.monotonic() + 120
     while not (out / "last.pt").is_file():  # the first checkpoint: from here a restart has something to resume
         assert time.monotonic() < deadline and all(n.poll() is None for n in nodes), "no checkpoint was written"
@@ -98,6 +101,7 @@ def test_a_killed_node_restarts_and_the_job_resumes_from_the_last_checkpoint(syn
     logs = [_finish(n, out) for n in nodes]
     for n in nodes:
         assert n.returncode == 0, "\n=====\n".join(x[-4000:] for x in logs)
-    assert "resumed from" in "".join(logs), logs[0][-3000:]
+    assert "resumed from" in "".join(logs) and "2 process(es)" in "".join(logs), logs[0][-3000:]
     saved = load_checkpoint(out / "last.pt")
     assert saved["epoch"] == 4 and saved["world_size"] == 2
+    assert len(list(hashes.glob("rank*.txt"))) == 2 and len({p.read_text() for p in hashes.glob("rank*.txt")}) == 1

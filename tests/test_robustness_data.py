@@ -61,7 +61,7 @@ def test_training_counts_the_skipped_lines_in_its_log(flawed, tmp_path, caplog):
     assert loaded.num_captions == 50 and "..." not in vocab.itos
 
 
-@pytest.mark.parametrize("breakage", ["no_tab", "missing_data_dir"])
+@pytest.mark.parametrize("breakage", ["no_tab", pytest.param("missing_data_dir", marks=pytest.mark.slow)])
 def test_bad_data_is_refused_before_the_run_directory_exists(tmp_path, breakage):
     data = generate(tmp_path / "data", 4, seed=1, size=32)
     if breakage == "no_tab":
