@@ -219,6 +219,8 @@ def export_model(model: CaptionModel, vocab: Vocabulary, out_dir: str | os.PathL
     tmp = _staging_dir(out_dir)
     t_start = time.perf_counter()
     try:
+        if quant_images is not None and opt.quantize:
+            source = {"int8_calibration": "images passed to export_model", **(source or {})}
         manifest = write_files(model, vocab, tmp, opt, source, _random_quant_images(model, quant_images, opt))
         check_export(model, vocab, tmp, manifest, opt, tolerance or parity.TOLERANCE,
                      (calib_images, calib_references, num_calib))
