@@ -68,7 +68,8 @@ from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatErro
                            parse_caption_line, read_lines)
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, decode_rgb, open_image
-from core.skiplist import SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash
+from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
+                            is_regular_entry)
 
 MIN_SIDE = 8
 MAX_ASPECT = 25.0
@@ -184,9 +185,10 @@ def _image_files(images_dir: Path) -> tuple[set[str], set[str], int]:
     regular: set[str] = set()
     ignored = 0
     for e in os.scandir(images_dir):
-        if e.is_file():
+        is_file = is_regular_entry(e)
+        if is_file:
             regular.add(e.name)
-        if e.name.startswith(".") or not e.is_file() or os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
+        if e.name.startswith(".") or not is_file or os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
             ignored += 1
         else:
             images.add(e.name)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.captions import IMAGES_DIR, TOKEN_FILE, parse_token_file
+from core.skiplist import is_regular_entry
 from core.splits import Splits, read_karpathy
 
 DATASETS = ("flickr8k", "flickr30k", "coco")
@@ -145,5 +146,5 @@ def files_present(images_dir: Path, names: list[str]) -> set[str]:
         path = images_dir / folder
         if path.is_dir():
             prefix = f"{folder}/" if folder else ""
-            present.update(prefix + e.name for e in os.scandir(path) if e.is_file())
+            present.update(prefix + e.name for e in os.scandir(path) if is_regular_entry(e))  # a loop: not a file
     return present

@@ -24,6 +24,14 @@ class SkipListError(ValueError):
     """A skip list is unreadable, of another format, or was made for another dataset listing."""
 
 
+def is_regular_entry(entry: os.DirEntry) -> bool:
+    """``entry.is_file()``, False where it raises (a symlink loop: ELOOP) instead of stopping the whole listing."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
 def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
     """sha256 over the caption file's bytes and the (name, size) of every non-hidden file in Images/.
 
@@ -43,7 +51,7 @@ def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
     images_dir = root / IMAGES_DIR
     if images_dir.is_dir():
         entries = sorted((e.name, e.stat().st_size) for e in os.scandir(images_dir)
-                         if e.is_file() and not e.name.startswith("."))
+                         if is_regular_entry(e) and not e.name.startswith("."))
         for name, size in entries:
             h.update(f"{IMAGES_DIR}/{name}\t{size}\n".encode("utf-8", "surrogateescape"))
     return "sha256:" + h.hexdigest()

@@ -75,3 +75,25 @@ def test_bad_data_is_refused_before_the_run_directory_exists(tmp_path, breakage)
                        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert not out.exists() and not out.parent.exists()
+
+
+def test_special_files_in_the_image_folder_never_hang_or_crash_the_check_or_training(tmp_path, caplog):
+    data = generate(tmp_path / "data", 8, seed=2, size=32)
+    images = data / "Images"
+    names = sorted(p.name for p in images.iterdir())[:3]
+    for name in names:
+        (images / name).unlink()
+    os.mkfifo(images / names[0])  # opening it for reading would block forever
+    (images / names[1]).symlink_to("/dev/zero")  # reading it never ends
+    (images / names[2]).symlink_to(names[2])  # a symlink loop: stat raises ELOOP
+    (images / "sub").mkdir()
+    (images / "sub" / "up").symlink_to("..")  # a directory loop
+    r = subprocess.run([sys.executable, "-m", "core.data", "check", str(data)], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    for name in names:
+        assert f"missing-image: '{name}' is not a file in Images/" in r.stdout, r.stdout
+    cfg = parse_config(["--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--skip-list", "none"])
+    loaded, _ = load_data(cfg, SINGLE)
+    assert sorted(loaded.captions) == sorted(p.name for p in images.iterdir() if p.is_file())
+    assert "3 captioned image(s) missing" in caplog.text
