@@ -17,20 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from core.captions import tokenize  # the word rule lives with the caption-line rule; imported from here too
 from core.fileio import atomic_write_text, read_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
 
-# Words: runs of [a-z0-9], optionally joined by apostrophes ("don't", "dog's").
-# Punctuation is dropped, which is what BLEU on Flickr8k conventionally does.
-_TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 VOCAB_FORMAT = "sat-vocab"
 VOCAB_VERSION = 1
@@ -39,10 +36,6 @@ VOCAB_VERSION = 1
 class VocabFormatError(ValueError):
     """A vocabulary file or dict does not have the expected structure."""
 
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase ``text`` and split it into word tokens (punctuation is dropped)."""
-    return _TOKEN_RE.findall(text.lower())
 
 
 class Vocabulary:
