@@ -79,8 +79,7 @@ dist.destroy_process_group()
 
 
 def test_single_node_launch_listens_on_loopback_only(tmp_path):
-    """The agent's two stores and the workers' gloo sockets; distributed/train.py itself runs under this launcher
-    in ./launch.sh demo (tests/test_robustness_pipeline.py, slow)."""
+    """The agent's two stores and the workers' gloo sockets (training under it: the slow test below)."""
     job = tmp_path / "job.py"
     job.write_text(JOB)
     cmd = [sys.executable, "-m", "distributed.localrun", "--nproc_per_node=2", str(job)]
@@ -88,6 +87,17 @@ def test_single_node_launch_listens_on_loopback_only(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(seen) >= 2, f"expected the agent's stores at least, saw {sorted(seen)}"
     assert all(_is_loopback(a) for a in seen), f"listening beyond loopback: {sorted(seen)}"
+
+
+@pytest.mark.slow  # the same check as above, through a real 2-process training (9-28 s on 2 shared cores)
+def test_training_under_the_loopback_launcher_listens_on_loopback_only(synthetic_data, tmp_path):
+    cmd = [sys.executable, "-m", "distributed.localrun", "--nproc_per_node=2", "distributed/train.py",
+           "--data", str(synthetic_data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--threads", "1",
+           "--no-progress", "--epochs", "1", "--no-final-eval", "--val-max-images", "2"]
+    seen, r = _listen_during(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, seconds=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(seen) >= 2 and all(_is_loopback(a) for a in seen), sorted(seen)
+    assert "2 process(es)" in r.stdout
 
 
 def test_launch_sh_uses_the_loopback_launcher_for_train_and_demo():
