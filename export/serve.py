@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive(int), default=d.threads,
                    help="inference threads (default: the cores less one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where the model runs")
+    p.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], default=d.precision,
+                   help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32 "
+                        "(as python -m export.caption)")
     p.add_argument("--max-batch", type=_positive(int), default=d.max_batch, help="images per batch (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="longest wait for more images once one is queued (default 10)")
@@ -105,7 +108,9 @@ def load_captioner(cfg: ServeConfig):
     threads, why = inference_threads(cfg.threads)
     log.info("inference threads: %d (%s)", threads, why)
     torch.set_num_threads(threads)  # torch runs the beam search's own ops: its idle OpenMP threads spin otherwise
-    backend = load_backend(cfg.backend, cfg.model, threads=threads, device=device, verify=cfg.verify)
+    backend = load_backend(cfg.backend, cfg.model, threads=threads, device=device, verify=cfg.verify,
+                           precision=cfg.precision)
+    log.info("precision: %s", backend.precision)
     return Captioner(backend, beam_size=cfg.beam_size, max_len=cfg.max_decode_len)
 
 

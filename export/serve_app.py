@@ -50,6 +50,7 @@ class ServeConfig:
     max_decode_len: int | None = None  # None: the model's recorded one
     threads: int | None = None  # inference threads (ORT intra-op / torch); None: the cores less one
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | int8 | bf16, as the caption command (export.runtime.load_backend)
     max_batch: int = 16
     max_wait_ms: float = 10.0
     queue_size: int = 256  # images waiting; more get 503 + Retry-After
@@ -83,15 +84,11 @@ def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
     """GET /v1/model: what the manifest says, and how this server runs it."""
     backend = captioner.backend
     manifest = backend.manifest or {}
-    files = getattr(backend, "files", None)
-    precision = "fp32"
-    if files and "int8" in files[1]:
-        precision = "int8 decoder step"
-    elif files and "fp16" in files[1]:
-        precision = "fp16"
+    choice = getattr(backend, "precision", None)  # a core.hardware.Choice set by load_backend
     providers = list(getattr(backend, "providers", None) or [str(backend.device)])
     return {"model": str(cfg.model), "backend": backend.name, "describe": backend.describe(),
-            "providers": providers, "precision": precision, "dims": manifest.get("dims", {}),
+            "providers": providers, "precision": str(choice.value) if choice else "fp32",
+            "precision_reason": choice.reason if choice else None, "dims": manifest.get("dims", {}),
             "vocab_size": len(captioner.vocab), "image_size": backend.image_size,
             "preprocess": manifest.get("preprocess", backend.preprocess), "created": manifest.get("created"),
             "decode": {"beam_size": captioner.beam_size, "max_len": captioner.max_len,
