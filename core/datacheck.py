@@ -51,12 +51,11 @@ import argparse
 import json
 import os
 import sys
-import threading
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +66,7 @@ import core.images
 from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatError, not_utf8_message,
                            parse_caption_line, read_lines)
 from core.fileio import WriteError, atomic_write_text
-from core.images import IMAGE_EXTENSIONS, ImageLoadError, decode_rgb, open_image
+from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
 from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
                             is_regular_entry)
 
@@ -138,28 +137,7 @@ class _Limits:
     max_pixels: int
 
 
-class _PixelBudget:
-    """Threads decode together only while their images' pixels add up to at most ``limit`` (pixel limit)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = self._free = max(1, limit)
-        self._cond = threading.Condition()
-
-    @contextmanager
-    def take(self, pixels: int) -> Iterator[None]:
-        n = min(pixels, self._limit)
-        with self._cond:
-            self._cond.wait_for(lambda: self._free >= n)
-            self._free -= n
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._free += n
-                self._cond.notify_all()
-
-
-def check_image(path: Path, limits: _Limits, budget: _PixelBudget | None = None) -> tuple[str, str] | None:
+def check_image(path: Path, limits: _Limits, budget: PixelBudget | None = None) -> tuple[str, str] | None:
     """``(kind, message)`` for the first problem of one image file, or None when it loads for training.
 
     The steps of ``core.images.load_image`` (header checks before anything is decoded, then the full decode,
@@ -242,7 +220,7 @@ def _default_workers() -> int:
 def _check_images(images_dir: Path, names: list[str], limits: _Limits,
                   workers: int) -> list[tuple[str, str] | None]:
     """:func:`check_image` of each name, in a thread pool whose decodes share one pixel budget."""
-    budget = _PixelBudget(limits.max_pixels)
+    budget = PixelBudget(limits.max_pixels)
     truncated_before = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail, whoever set this
     try:

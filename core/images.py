@@ -21,6 +21,7 @@ import io
 import math
 import os
 import stat
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -135,6 +136,28 @@ def _read_header(f, path: Path, size: int) -> Image.Image:
                      f"{fmt} signature: not an accepted format (accepted: {', '.join(ACCEPTED_FORMATS)})")
     raise _error(path, "not-an-image", f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)}; "
                                        f"{size} bytes, starts with {head!r})")
+
+
+class PixelBudget:
+    """Threads decode together only while their images' pixels add up to at most ``limit``: a pool of loader
+    threads holds at most one image of the pixel limit in memory at a time, however many workers it has."""
+
+    def __init__(self, limit: int = MAX_PIXELS) -> None:
+        self._limit = self._free = max(1, limit)
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, pixels: int) -> Iterator[None]:
+        n = min(pixels, self._limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self._free >= n)
+            self._free -= n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._free += n
+                self._cond.notify_all()
 
 
 @contextmanager

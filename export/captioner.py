@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.decode import Hypothesis, beam_search, check_search
 from core.hardware import cpu_cores
-from core.images import ImageLoadError, load_image
+from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image
 from core.vocab import Vocabulary
 from export.backends import Backend
 from export.manifest import DEFAULT_MAX_LEN, transform_for
@@ -79,6 +79,7 @@ class Captioner:
         self.length_norm = length_norm
         self.search = search  # "default", or "tutorial": the tutorial's caption_image_beam_search decisions
         self.transform = transform_for(preprocess or backend.preprocess)
+        self.budget = PixelBudget()  # caption_paths' loader threads: one image of the pixel limit at a time
 
     def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
         """Preprocessed images [N,3,S,S] float32 -> one Hypothesis per image."""
@@ -92,7 +93,9 @@ class Captioner:
 
     def load(self, path: str | os.PathLike) -> Tensor:
         """One file as the model's input [3,S,S]; an unusable file raises core.images.ImageLoadError naming it."""
-        return self.transform(load_image(path))
+        with open_image(path) as im:
+            with self.budget.take(im.size[0] * im.size[1]):  # decoded and resized under the loaders' budget
+                return self.transform(decode_rgb(im, path))
 
     def _load_one(self, path: str) -> Tensor | str:
         """The model's input for one file, or the error that names it."""

@@ -300,3 +300,34 @@ def test_no_import_cycle_among_core_modules():
 
     for mod in sorted(graph):
         visit(mod, [])
+
+
+def test_pixel_budget_lets_loader_threads_hold_one_limit_sized_image_at_a_time():
+    """Two images of 80% of the limit decode one after the other; small ones together (caption_paths' pool)."""
+    import threading
+    import time
+
+    budget = core.images.PixelBudget(100)
+    held, peak, lock = [0], [0], threading.Lock()
+
+    def decode(pixels: int) -> None:
+        with budget.take(pixels):
+            with lock:
+                held[0] += pixels
+                peak[0] = max(peak[0], held[0])
+            time.sleep(0.05)
+            with lock:
+                held[0] -= pixels
+
+    def run(sizes: list[int]) -> int:
+        peak[0] = 0
+        threads = [threading.Thread(target=decode, args=(n,)) for n in sizes]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return peak[0]
+
+    assert run([80, 80, 80]) == 80  # never two at once
+    assert run([30, 30, 30]) == 90  # all three at once
+    assert run([500]) == 500  # over the limit: alone (the loader refuses it earlier by its pixel limit)
