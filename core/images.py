@@ -17,6 +17,7 @@ float64 copy of the whole image.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import os
@@ -136,6 +137,18 @@ def _read_header(f, path: Path, size: int) -> Image.Image:
                      f"{fmt} signature: not an accepted format (accepted: {', '.join(ACCEPTED_FORMATS)})")
     raise _error(path, "not-an-image", f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)}; "
                                        f"{size} bytes, starts with {head!r})")
+
+
+def release_image_memory_promptly(threshold: int = 1 << 20) -> bool:
+    """Have glibc's malloc serve every buffer of ``threshold`` bytes or more by mmap (returned to the system when
+    freed). Its default threshold rises to 32 MB after the first large free, after which an image's 16 MB blocks come
+    from per-thread heaps that keep freed memory resident: loader threads then hold their past images' pages (about
+    100 MB more peak RSS over a folder with one 9400x9400 image, measured). False where this is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD (also fixes it: no dynamic raise)
+    except (OSError, AttributeError):
+        return False
 
 
 class PixelBudget:

@@ -39,7 +39,7 @@ import torch
 from core import hardware
 from core.cli import add_deprecated_alias
 from core.fileio import printable
-from core.images import IMAGE_EXTENSIONS
+from core.images import IMAGE_EXTENSIONS, release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("caption")
@@ -344,6 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _safe_streams()
     args = build_parser().parse_args(argv)
     setup_logging("caption", args.verbose - args.quiet)
+    release_image_memory_promptly()  # loader threads: freed images leave the process (bounded peak memory)
     from core.checkpoint import CheckpointError
     from export.runtime import ExportFormatError
 

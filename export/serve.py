@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from core import hardware
+from core.images import release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.serve_app import ServeConfig, create_app
 
@@ -155,6 +156,7 @@ def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("serve", args.verbose - args.quiet)
+    release_image_memory_promptly()  # decode threads: freed uploads leave the process (bounded peak memory)
     from core.checkpoint import CheckpointError
     from export.runtime import ExportFormatError
 
