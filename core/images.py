@@ -192,8 +192,13 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         yield im
 
 
-def decode_rgb(im: Image.Image, path: str | os.PathLike[str], exif_transpose: bool = True) -> Image.Image:
-    """Decode an image from :func:`open_image` and return it in RGB (step 3); errors name ``path``."""
+def decode_rgb(im: Image.Image, path: str | os.PathLike[str], exif_transpose: bool = True, *,
+               grey_ok: bool = False) -> Image.Image:
+    """Decode an image from :func:`open_image` and return it in RGB (step 3); errors name ``path``.
+
+    ``grey_ok``: a grey source (L, and 16/32-bit or float grey) comes back as "L" instead, a third of RGB's memory
+    at full size; :class:`ImageTransform` resizes it and then makes it RGB, the same pixels (the model's path).
+    """
     path = Path(path)
     try:
         im.load()
@@ -205,10 +210,10 @@ def decode_rgb(im: Image.Image, path: str | os.PathLike[str], exif_transpose: bo
             im = ImageOps.exif_transpose(im)
     except Exception as e:  # noqa: BLE001 - EXIF is parsed from untrusted bytes too
         raise _error(path, "corrupt", f"bad EXIF data ({type(e).__name__}: {e})") from e
-    if im.mode == "RGB":
+    if im.mode == "RGB" or (grey_ok and im.mode == "L"):
         return im
     try:
-        return to_rgb(im)
+        return to_grey(im) if grey_ok and _is_wide_grey(im.mode) else to_rgb(im)
     except MemoryError as e:
         raise _error(path, "decompression-bomb", f"out of memory converting {im.size} {im.mode}") from e
     except Exception as e:  # noqa: BLE001
@@ -245,10 +250,10 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = 
 # --------------------------------------------------------------------------------------------
 # Mode -> RGB
 # --------------------------------------------------------------------------------------------
-def _by_bands(img: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
-    """RGB image made of ``convert`` applied to horizontal bands of ``img``: temporaries stay one band big."""
+def _by_bands(img: Image.Image, convert: Callable[[Image.Image], Image.Image], mode: str = "RGB") -> Image.Image:
+    """``mode`` image made of ``convert`` applied to horizontal bands of ``img``: temporaries stay one band big."""
     w, h = img.size
-    out = Image.new("RGB", img.size)
+    out = Image.new(mode, img.size)
     rows = max(1, _BAND_PIXELS // max(w, 1))
     for top in range(0, h, rows):
         box = (0, top, w, min(h, top + rows))
@@ -279,10 +284,20 @@ def _linear_map(mode: str, lo: float, hi: float) -> tuple[float, float]:
     return 0.0, 0.0  # flat (or NaN) image
 
 
-def _grey_band_to_rgb(band: Image.Image, scale: float, offset: float) -> Image.Image:
+def _grey_band_to_l(band: Image.Image, scale: float, offset: float) -> Image.Image:
     a = np.asarray(band, dtype=np.float64) * scale + offset  # (rows, W): one band, a few MB
-    a = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
-    return Image.fromarray(a).convert("RGB")  # 2-D uint8 -> "L" -> RGB
+    return Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8))  # 2-D uint8 -> "L"
+
+
+def _is_wide_grey(mode: str) -> bool:
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def to_grey(img: Image.Image) -> Image.Image:
+    """A 16/32-bit or float grey image as 8-bit "L", scaled as :func:`to_rgb` does (its RGB is this L, replicated)."""
+    lo, hi = (0, 0) if img.mode.startswith("I;16") else img.getextrema()  # I;16 needs no range
+    scale, offset = _linear_map(img.mode, float(lo), float(hi))
+    return _by_bands(img, lambda band: _grey_band_to_l(band, scale, offset), mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -298,10 +313,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return img.copy()
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         return _by_bands(img, _on_white)
-    if mode in ("I", "F") or mode.startswith("I;16"):
+    if _is_wide_grey(mode):
         lo, hi = (0, 0) if mode.startswith("I;16") else img.getextrema()  # I;16 needs no range
         scale, offset = _linear_map(mode, float(lo), float(hi))
-        return _by_bands(img, lambda band: _grey_band_to_rgb(band, scale, offset))
+        return _by_bands(img, lambda band: _grey_band_to_l(band, scale, offset).convert("RGB"))
     return img.convert("RGB")
 
 
@@ -342,10 +357,12 @@ class ImageTransform:
                 f"hflip={self.hflip}, resize_size={self.resize_size})")
 
     def __call__(self, img: Image.Image) -> Tensor:
-        if img.mode != "RGB":
+        if img.mode not in ("RGB", "L"):
             img = to_rgb(img)
         r, s = self.resize_size, self.image_size
-        img = img.resize((r, r), Image.Resampling.BILINEAR)
+        img = img.resize((r, r), Image.Resampling.BILINEAR)  # L: resized alone, then replicated (same pixels)
+        if img.mode == "L":
+            img = img.convert("RGB")
         if self.train and r > s:
             x, y = (int(v) for v in torch.randint(0, r - s + 1, (2,)))
             img = img.crop((x, y, x + s, y + s))

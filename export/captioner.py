@@ -95,7 +95,7 @@ class Captioner:
         """One file as the model's input [3,S,S]; an unusable file raises core.images.ImageLoadError naming it."""
         with open_image(path) as im:
             with self.budget.take(im.size[0] * im.size[1]):  # decoded and resized under the loaders' budget
-                return self.transform(decode_rgb(im, path))
+                return self.transform(decode_rgb(im, path, grey_ok=True))  # grey stays 1 byte/pixel until resized
 
     def _load_one(self, path: str) -> Tensor | str:
         """The model's input for one file, or the error that names it."""

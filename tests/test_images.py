@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile, PngImagePlugin
 
 import core.images
@@ -357,3 +358,27 @@ print(rss() - before)
         left[call] = int(proc.stdout)
     assert left["1"] < 8 * 1024, left  # KiB
     assert left["0"] > left["1"], left  # the setting is what frees it
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "I", "F"])
+def test_grey_images_reach_the_model_as_one_band_with_the_same_pixels(mode):
+    """decode_rgb(grey_ok=True) keeps grey sources in "L" (a third of RGB's memory at full size); the transform
+    resizes and then replicates, which gives exactly the tensor of the RGB path."""
+    rng = np.random.default_rng(0)
+    if mode == "F":
+        src = Image.fromarray(rng.random((97, 131)).astype(np.float32), mode="F")
+    elif mode == "L":
+        src = Image.fromarray(rng.integers(0, 256, (97, 131), dtype=np.uint8))
+    else:
+        src = Image.fromarray(rng.integers(0, 65536, (97, 131), dtype=np.uint16)).convert(mode)
+    assert src.mode == mode
+    grey = core.images.decode_rgb(src.copy(), "x.png", grey_ok=True)
+    rgb = core.images.decode_rgb(src.copy(), "x.png")
+    assert grey.mode == "L" and rgb.mode == "RGB"
+    for train in (False, True):
+        t = core.images.image_transform(32, train=train)
+        torch.manual_seed(0)
+        a = t(grey)
+        torch.manual_seed(0)
+        b = t(rgb)
+        assert torch.equal(a, b)
