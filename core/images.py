@@ -293,11 +293,16 @@ def _is_wide_grey(mode: str) -> bool:
     return mode in ("I", "F") or mode.startswith("I;16")
 
 
-def to_grey(img: Image.Image) -> Image.Image:
-    """A 16/32-bit or float grey image as 8-bit "L", scaled as :func:`to_rgb` does (its RGB is this L, replicated)."""
+def _grey_to_8bit(img: Image.Image) -> Callable[[Image.Image], Image.Image]:
+    """The band conversion of a 16/32-bit or float grey image to 8-bit "L" (one scale for the whole image)."""
     lo, hi = (0, 0) if img.mode.startswith("I;16") else img.getextrema()  # I;16 needs no range
     scale, offset = _linear_map(img.mode, float(lo), float(hi))
-    return _by_bands(img, lambda band: _grey_band_to_l(band, scale, offset), mode="L")
+    return lambda band: _grey_band_to_l(band, scale, offset)
+
+
+def to_grey(img: Image.Image) -> Image.Image:
+    """A 16/32-bit or float grey image as 8-bit "L", scaled as :func:`to_rgb` does (its RGB is this L, replicated)."""
+    return _by_bands(img, _grey_to_8bit(img), mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -314,9 +319,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
         return _by_bands(img, _on_white)
     if _is_wide_grey(mode):
-        lo, hi = (0, 0) if mode.startswith("I;16") else img.getextrema()  # I;16 needs no range
-        scale, offset = _linear_map(mode, float(lo), float(hi))
-        return _by_bands(img, lambda band: _grey_band_to_l(band, scale, offset).convert("RGB"))
+        to_l = _grey_to_8bit(img)
+        return _by_bands(img, lambda band: to_l(band).convert("RGB"))
     return img.convert("RGB")
 
 
