@@ -345,8 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("caption", args.verbose - args.quiet)
     release_image_memory_promptly()  # loader threads: freed images leave the process (bounded peak memory)
-    from core.checkpoint import CheckpointError
-    from export.runtime import ExportFormatError
+    from export.runtime import model_load_errors
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         captioner = load_captioner(args)
-    except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
+    except model_load_errors() as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     log.info("%s, beam %d (%s search), max_len %d; %s; precision %s", captioner.backend.describe(), args.beam_size,

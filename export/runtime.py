@@ -171,7 +171,14 @@ def _load(name: str, path: Path, providers, threads: int | None, int8: bool, fp1
     return _load_eager(path, device, verify)
 
 
+def model_load_errors() -> tuple[type[Exception], ...]:
+    """What loading a model it cannot use raises (the caption and serve commands print one error line, exit 2)."""
+    from core.checkpoint import CheckpointError  # here, not at import: it imports the model (torchvision)
+
+    return ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError
+
 __all__ = [
+    "model_load_errors",
     "BACKENDS",
     "DEFAULT_MAX_LEN",
     "Backend",

@@ -157,8 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("serve", args.verbose - args.quiet)
     release_image_memory_promptly()  # decode threads: freed uploads leave the process (bounded peak memory)
-    from core.checkpoint import CheckpointError
-    from export.runtime import ExportFormatError
+    from export.runtime import model_load_errors
 
     try:
         cfg = config_from_args(args)
@@ -172,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         captioner = load_captioner(cfg)
-    except (ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError) as e:
+    except model_load_errors() as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     serve(cfg, captioner, sock)
