@@ -117,10 +117,14 @@ class Captioner:
                 continue
             hyp = hyps[i]
             words = self.vocab.decode_tokens(hyp.tokens)
-            # decode_tokens skips any <pad>/<start> a model emits: keep the attention rows of the words it kept
-            rows = [k for k, t in enumerate(hyp.tokens) if int(t) not in (self.vocab.pad_id, self.vocab.start_id)]
-            alphas = hyp.alphas[rows[:len(words)]] if keep_alphas else None
+            alphas = self.word_alphas(hyp, words) if keep_alphas else None
             yield CaptionResult(p, " ".join(words), words, hyp.score, alphas)
+
+    def word_alphas(self, hyp: Hypothesis, words: list[str]) -> Tensor:
+        """The attention rows [len(words), P] of ``words`` = ``vocab.decode_tokens(hyp.tokens)``."""
+        # decode_tokens skips any <pad>/<start> a model emits: keep the attention rows of the words it kept
+        rows = [k for k, t in enumerate(hyp.tokens) if int(t) not in (self.vocab.pad_id, self.vocab.start_id)]
+        return hyp.alphas[rows[:len(words)]]
 
     def caption_paths(self, paths: Iterable[str | os.PathLike], batch_size: int = 16, keep_alphas: bool = False,
                       workers: int | None = None, prefetch: int = 2) -> Iterator[CaptionResult]:

@@ -73,7 +73,7 @@ def hypothesis_json(captioner: Captioner, hyp: Hypothesis, attention: bool) -> d
     out: dict[str, Any] = {"caption": " ".join(words), "score": round(float(hyp.score), 6), "tokens": words,
                            "token_ids": [int(t) for t in hyp.tokens]}
     if attention:
-        alphas = hyp.alphas[: len(words)].float()  # (words, P)
+        alphas = captioner.word_alphas(hyp, words).float()  # (words, P)
         side = int(round(math.sqrt(alphas.shape[1]))) if alphas.numel() else 0
         out["attention"] = {"grid": [side, side],
                             "maps": [[round(float(a), 5) for a in row] for row in alphas.tolist()]}
