@@ -25,8 +25,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRende
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "loopback"
-FIXED = ("--standalone", "--rdzv-backend", "--rdzv_backend", "--rdzv-endpoint", "--rdzv_endpoint", "--nnodes",
-         "--local-addr", "--local_addr", "--master-addr", "--master_addr")
+FIXED = ("standalone", "rdzv_backend", "rdzv_endpoint", "nnodes", "local_addr", "master_addr")  # torchrun's dests
 
 
 def loopback_store(port: int = 0) -> dist.TCPStore:
@@ -55,13 +54,19 @@ def _create_loopback_handler(params: RendezvousParameters) -> DynamicRendezvousH
 
 
 def torchrun_args(argv: list[str]) -> list[str]:
-    """torchrun's arguments for one node on loopback; a rendezvous flag of the user's is an error."""
-    for arg in argv:
-        if arg.startswith(FIXED):
-            raise SystemExit(f"distributed.localrun: {arg.split('=')[0]} is fixed here (one node on {LOOPBACK}); "
-                             f"use torchrun itself for other rendezvous settings")
-        if not arg.startswith("-"):
-            break  # the training script and its own flags follow
+    """torchrun's arguments for one node on loopback; a rendezvous flag of the user's is an error.
+
+    Read by torchrun's own parser, so ``--standalone`` is found however the flags before it are written
+    (``--nproc_per_node 2 --standalone train.py`` included)."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    given = parser.parse_args(argv)
+    defaults = parser.parse_args([given.training_script])
+    for dest in FIXED:
+        if getattr(given, dest) != getattr(defaults, dest):
+            raise SystemExit(f"distributed.localrun: --{dest.replace('_', '-')} is fixed here (one node on "
+                             f"{LOOPBACK}); use torchrun itself for other rendezvous settings")
     return [f"--rdzv-backend={BACKEND}", f"--rdzv-endpoint={LOOPBACK}:0", f"--rdzv-id={uuid.uuid4().hex}",
             "--nnodes=1", f"--local-addr={LOOPBACK}", *argv]
 

@@ -106,7 +106,9 @@ def test_launch_sh_uses_the_loopback_launcher_for_train_and_demo():
     assert text.count("-m distributed.localrun") == 2
 
 
-def test_rendezvous_flags_are_refused_by_the_loopback_launcher():
-    r = subprocess.run([sys.executable, "-m", "distributed.localrun", "--rdzv-endpoint=0.0.0.0:29500",
-                        "--nproc_per_node=1", "x.py"], cwd=REPO, capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("flags", [["--rdzv-endpoint=0.0.0.0:29500", "--nproc_per_node=1"],
+                                   ["--nproc_per_node", "1", "--standalone"]])  # a flag's value written apart
+def test_rendezvous_flags_are_refused_by_the_loopback_launcher(flags):
+    r = subprocess.run([sys.executable, "-m", "distributed.localrun", *flags, "x.py"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "is fixed here" in r.stderr and "Traceback" not in r.stderr
