@@ -145,8 +145,7 @@ def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads:
         return backend
     choice = resolve_precision(precision, path, name, device)
     if choice.value == "int8":  # int8 encoder + int8 step
-        backend = OrtBackend(path, providers=providers or ([device] if device else None), threads=threads,
-                             int8=True, int8_encoder=True, verify=verify)
+        backend = _load(name, path, providers, threads, True, False, device, verify, int8_encoder=True)
     else:
         backend = _load(name, path, providers, threads, False, False, device, verify)
     if choice.value == "bf16":
@@ -157,11 +156,12 @@ def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads:
 
 
 def _load(name: str, path: Path, providers, threads: int | None, int8: bool, fp16: bool, device: str | None,
-          verify: bool) -> Backend:
+          verify: bool, int8_encoder: bool = False) -> Backend:
     if name == "ort":
         if device and providers is None:
             providers = [device]
-        return OrtBackend(path, providers=providers, threads=threads, int8=int8, fp16=fp16, verify=verify)
+        return OrtBackend(path, providers=providers, threads=threads, int8=int8, fp16=fp16, verify=verify,
+                          int8_encoder=int8_encoder)
     if int8 or fp16:
         raise ValueError(f"int8/fp16 graphs are ONNX only; the {name} backend runs fp32")
     if name == "torchscript":
