@@ -38,11 +38,11 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from core.captions import IMAGES_DIR, TOKEN_FILE
-from core.layouts import FLICKR30K_IMAGE_DIRS, KARPATHY_FILES
+from core.layouts import DATASETS, FLICKR30K_IMAGE_DIRS, KARPATHY_FILES
 from core.fileio import atomic_write_text
 
 CAPTIONS_PER_IMAGE = 5
-LAYOUTS = ("flickr8k", "flickr30k", "coco")
+LAYOUTS = DATASETS  # every layout core.layouts reads
 JPEG_QUALITY = 92
 
 SHAPES = ("circle", "square", "triangle")
