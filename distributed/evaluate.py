@@ -131,7 +131,7 @@ def validate(model: CaptionModel, autocast, loaders: Loaders, vocab: Vocabulary,
 
 def coco_results(hypotheses: dict[int, list[int]], names: list[str], vocab: Vocabulary) -> list[dict]:
     """COCO-format results ``[{"image_id": name, "caption": ...}]`` of the hypotheses (``{table index: ids}``)."""
-    return [{"image_id": names[i], "caption": " ".join(vocab.decode_tokens(hypotheses[i]))} for i in sorted(hypotheses)]
+    return [{"image_id": names[i], "caption": vocab.decode(hypotheses[i])} for i in sorted(hypotheses)]
 
 
 def coco_test_metrics(results: list[dict], references: dict[str, list[str]], out: Path, coco: bool) -> dict[str, Any]:
