@@ -277,6 +277,8 @@ def calibration_data(requested: Path | None, state: dict[str, Any]) -> tuple[Any
     split_args = {k: train[k] for k in ("split_seed", "val_frac", "test_frac") if k in train}
     if "split_seed" in split_args:
         split_args["seed"] = split_args.pop("split_seed")
+    if requested is None and train.get("dataset"):
+        split_args["dataset"] = train["dataset"]  # the layout training read (--calib-data is detected)
     why = "--calib-data" if requested else "the checkpoint's training data"
     log.info("calibration and check images from %s (%s)", data_dir, why)
     return load_flickr8k(data_dir, train.get("karpathy_json"), **split_args), f"{data_dir} ({why})"
