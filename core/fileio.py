@@ -3,6 +3,7 @@ the one way tensor files are read (``load_weights_only``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,6 +30,15 @@ def load_weights_only(path: str | os.PathLike, **kwargs: Any) -> Any:
                            f"weights_only loading (CVE-2025-32434, CVE-2026-24747); install torch >= "
                            f"{SAFE_TORCH[0]}.{SAFE_TORCH[1]}")
     return torch.load(path, weights_only=True, **kwargs)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read a chunk at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 class WriteError(RuntimeError):

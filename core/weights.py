@@ -8,13 +8,12 @@ publishes in the file name (``resnet101-cd907fc2.pth`` -> ``cd907fc2...``), and 
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
 import torch
 
-from core.fileio import load_weights_only
+from core.fileio import load_weights_only, sha256_file
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -32,19 +31,11 @@ def hash_prefix(file_name: str) -> str:
     return match.group(1)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_verified(path: Path, expected_prefix: str) -> dict:
     """Read a state_dict from ``path`` only if its sha256 starts with ``expected_prefix``; never unpickles code."""
     if not path.is_file():
         raise PretrainedWeightsError(f"{path}: not a regular file")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if not actual.startswith(expected_prefix):
         raise PretrainedWeightsError(
             f"refusing {path}: its sha256 is {actual[:16]}..., torchvision publishes {expected_prefix}... for this "

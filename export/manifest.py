@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from core.fileio import atomic_write_text
+from core.fileio import atomic_write_text, sha256_file  # sha256_file: also export.manifest API
 from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageTransform
 
 FORMAT = "sat-export"
@@ -68,14 +68,6 @@ STEP_OUTPUTS = ("logprobs", "h_next", "c_next", "alpha")
 class ExportFormatError(RuntimeError):
     """An export directory or one of its files is missing, corrupt, changed since the export, or unsafe (names
     the file)."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -15,7 +15,8 @@ import torch
 import torchvision
 
 from core.model import Encoder, load_pretrained_encoder
-from core.weights import PretrainedWeightsError, hash_prefix, load_verified, sha256_of
+from core.fileio import sha256_file
+from core.weights import PretrainedWeightsError, hash_prefix, load_verified
 
 
 class CreatesAFile:
@@ -66,7 +67,7 @@ def test_a_payload_whose_hash_matches_is_still_never_unpickled(tmp_path):
     marker = tmp_path / "pwned"
     staged = tmp_path / "staged.pth"
     _payload(staged, marker)
-    named = tmp_path / f"resnet18-{sha256_of(staged)[:8]}.pth"
+    named = tmp_path / f"resnet18-{sha256_file(staged)[:8]}.pth"
     staged.rename(named)
     with pytest.raises(PretrainedWeightsError, match="plain tensors"):
         load_verified(named, hash_prefix(named.name))
@@ -77,7 +78,7 @@ def test_a_file_whose_hash_matches_loads_into_the_encoder(tmp_path):
     resnet = torchvision.models.resnet18(weights=None)
     staged = tmp_path / "staged.pth"
     torch.save(resnet.state_dict(), staged)
-    named = tmp_path / f"resnet18-{sha256_of(staged)[:8]}.pth"
+    named = tmp_path / f"resnet18-{sha256_file(staged)[:8]}.pth"
     staged.rename(named)
     state = load_verified(named, hash_prefix(named.name))
     assert torch.equal(state["conv1.weight"], resnet.conv1.weight)
