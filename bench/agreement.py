@@ -22,8 +22,6 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import argparse
 import json
 
-import torch
-
 from core import hardware
 
 PATHS = ("ort_int8", "ort_int8enc", "ort_int8full", "bf16", "auto")
@@ -31,14 +29,10 @@ PATHS = ("ort_int8", "ort_int8enc", "ort_int8full", "bf16", "auto")
 
 def held_out(data_dir: Path, split: str, limit: int, image_size: int):
     from core.data import load_flickr8k
-    from core.images import image_transform, load_image
-    from core.vocab import tokenize
 
     data = load_flickr8k(data_dir)
     names = data.splits[split][:limit]
-    tf = image_transform(image_size, train=False)
-    return (torch.stack([tf(load_image(data.image_path(n))) for n in names]),
-            [[tokenize(c) for c in data.captions[n]] for n in names])
+    return data.eval_images(names, image_size), data.tokenized_references(names)
 
 
 def backends(export_dir: Path, threads: int | None) -> dict:

@@ -46,6 +46,7 @@ from core import hardware
 from core.decode import Encoded, Hypothesis, beam_search
 from core.model import CaptionModel
 from core.vocab import Vocabulary
+from export.backends import torch_threads
 
 RESIDUAL_SCALE = 0.1  # scale of each residual branch's last BatchNorm in the random encoder
 FP32_EXPORTED = ("torchscript", "ort")  # must give exactly eager fp32's captions
@@ -105,6 +106,7 @@ class Bf16Encoder:
     """Eager with the encoder under bf16 autocast (outputs back to float32); steps are eager fp32."""
 
     name = "eager_bf16"
+    search_threads = None  # torch computes: all its threads
 
     def __init__(self, eager):
         self.eager = eager
@@ -122,6 +124,8 @@ class Bf16Encoder:
 
 class Combined:
     """One backend's encoder with another's decoder step."""
+
+    search_threads = None  # the encoder (eager bf16 here) is torch's
 
     def __init__(self, name: str, encoder, stepper):
         self.name, self._enc, self._step = name, encoder, stepper
@@ -250,8 +254,13 @@ class Suite:
             return self._synced(lambda: reference_caption(self.model, images, cfg.beam_size, cfg.max_len,
                                                           v.start_id, v.end_id, stats))
         b = self.backend(backend)
-        return self._synced(lambda: beam_search(b.encode(images), b.step, cfg.beam_size, cfg.max_len, v.start_id,
-                                                v.end_id, early_stop=False))
+
+        def caption():
+            with torch_threads(b.search_threads):  # as export.captioner.Captioner runs it
+                return beam_search(b.encode(images), b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
+                                   early_stop=False)
+
+        return self._synced(caption)
 
     def beam_fn(self, backend: str, n: int) -> Callable[[], list[Hypothesis]]:
         """Beam search alone, encoder outputs given (eager fp32's, the same for every backend)."""
@@ -265,8 +274,13 @@ class Suite:
                                                               v.start_id, v.end_id, stats))
         b = self.backend(backend)
         encoded = self.encoded(n)
-        return self._synced(lambda: beam_search(encoded, b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
-                                                early_stop=False))
+
+        def search():
+            with torch_threads(b.search_threads):
+                return beam_search(encoded, b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
+                                   early_stop=False)
+
+        return self._synced(search)
 
     def step_fn(self, backend: str, n: int) -> Callable[[], Any]:
         inputs = self.step_inputs(n)

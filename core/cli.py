@@ -1,4 +1,6 @@
-"""Command-line helpers shared by every command: old flag names kept as hidden, deprecated aliases.
+"""Command-line helpers shared by every command: positive numbers, old flag names kept as hidden aliases.
+
+    p.add_argument("--batch-size", type=positive_int, default=16)          # 0, -1, "x": one usage line
 
     p.add_argument("--split-seed", type=int, default=0, help="...")
     add_deprecated_alias(p, "--seed", "--split-seed", type=int)   # still parses, warns, absent from --help
@@ -10,8 +12,28 @@ One concept has one flag name in every command (``--split-seed``, ``--min-word-f
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any
+
+
+def _positive(kind: type, text: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be {'1 or more' if kind is int else 'more than 0'}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _positive(int, text)
+
+
+def positive_float(text: str) -> float:
+    return _positive(float, text)
 
 
 class _DeprecatedAlias(argparse.Action):

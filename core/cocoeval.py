@@ -57,19 +57,34 @@ class CocoScores:
     tokenizer: str = ""
     images: int = 0
 
+    def _cells(self, column: bool) -> list[str]:
+        """Each metric in the papers' order: its score, or why it is missing (labels padded for a column)."""
+        cells = []
+        for m in METRICS:
+            label = f"{LABELS[m]:<8}" if column else LABELS[m]
+            if m in self.scores:
+                cells.append(f"{label} {self.scores[m]:.4f}")
+            elif m in self.unavailable:
+                why = self.unavailable[m]
+                cells.append(f"{label} unavailable: {why}" if column else f"{label} unavailable ({why})")
+        return cells
+
     def table(self) -> str:
         """One line per metric, the way the papers list them; missing ones with their reason."""
-        lines = [f"{'images':<8} {self.images}", f"{'tokens':<8} {self.tokenizer}"]
-        for m in METRICS:
-            if m in self.scores:
-                lines.append(f"{LABELS[m]:<8} {self.scores[m]:.4f}")
-            elif m in self.unavailable:
-                lines.append(f"{LABELS[m]:<8} unavailable: {self.unavailable[m]}")
-        return "\n".join(lines)
+        return "\n".join([f"{'images':<8} {self.images}", f"{'tokens':<8} {self.tokenizer}", *self._cells(column=True)])
+
+    def line(self) -> str:
+        """The same on one line (training's log)."""
+        return f"COCO caption metrics ({self.tokenizer}): " + " | ".join(self._cells(column=False))
 
     def to_dict(self) -> dict:
         return {"scores": self.scores, "unavailable": self.unavailable, "tokenizer": self.tokenizer,
                 "images": self.images}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CocoScores:
+        return cls(scores=dict(d["scores"]), unavailable=dict(d.get("unavailable", {})),
+                   tokenizer=d.get("tokenizer", ""), images=int(d.get("images", 0)))
 
 
 def package_dir() -> Path:

@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 from core.captions import DataFormatError
 from core.cli import add_deprecated_alias
 from core.datacheck import add_check_command
-from core.images import load_image
-from core.layouts import DATASETS, DatasetNotFoundError, files_present, read_layout
+from core.images import image_transform, load_image
+from core.layouts import DatasetNotFoundError, add_dataset_args, files_present, read_layout
 from core.skiplist import SkipList
 from core.splits import SPLIT_NAMES, Splits, make_splits
 from core.vocab import Vocabulary, tokenize
@@ -65,6 +65,15 @@ class Flickr8k:
 
     def caption_table(self, split: str, vocab: Vocabulary, max_len: int | None = None) -> CaptionTable:
         return CaptionTable(self.splits[split], self.captions, vocab, max_len=max_len)
+
+    def eval_images(self, names: Sequence[str], image_size: int) -> Tensor:
+        """(N, 3, S, S) evaluation inputs of ``names``: decoded, resized and normalized, no augmentation."""
+        transform = image_transform(image_size, train=False)
+        return torch.stack([transform(load_image(self.image_path(n))) for n in names])
+
+    def tokenized_references(self, names: Sequence[str]) -> list[list[list[str]]]:
+        """Each image's reference captions as word lists (what BLEU and the caption checks compare with)."""
+        return [[tokenize(c) for c in self.captions[n]] for n in names]
 
 
 def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[str] | None = None,
@@ -242,17 +251,6 @@ class EvalDataset(_ImageDataset):
 # --------------------------------------------------------------------------------------------
 # CLI: subcommands register themselves in build_parser(); add yours with a `add_<name>_command`.
 # --------------------------------------------------------------------------------------------
-def add_dataset_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="dataset root (layouts: python -m core.layouts, or the README)")
-    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
-                   help="the dataset's layout; auto: from the files present (default)")
-    p.add_argument("--karpathy-json", type=Path, default=None, help="take captions and splits from this file")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the random split (no official split files)")
-    add_deprecated_alias(p, "--seed", "--split-seed", type=int)
-    p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of images in test (random split)")
-
-
 def load_from_args(args: argparse.Namespace) -> Flickr8k:
     """:func:`load_flickr8k` from the arguments added by ``add_dataset_args``."""
     return load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed,

@@ -21,7 +21,7 @@ from typing import Any
 from core.captions import DataFormatError
 from core.cocoeval import CocoEvalUnavailable, CocoScores, coco_caption_scores
 from core.fileio import WriteError, atomic_write_text, read_json
-from core.layouts import DATASETS, DatasetNotFoundError
+from core.layouts import DatasetNotFoundError, add_dataset_args
 
 
 def read_results(path: Path) -> list[tuple[Any, str]]:
@@ -72,13 +72,8 @@ def evaluate_captions(captions: dict[str, str], references: dict[str, list[str]]
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m core.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("results", type=Path, help='COCO-format results: [{"image_id": ..., "caption": ...}]')
-    p.add_argument("--data", type=Path, required=True, help="dataset directory (its references are scored against)")
+    add_dataset_args(p, data_flag="--data")  # its references are scored against
     p.add_argument("--split", choices=("train", "val", "test"), default="test", help="the split the results cover")
-    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto", help="layout of --data (auto: detect)")
-    p.add_argument("--karpathy-json", type=Path, default=None, help="captions and splits from this file")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the random split, as in training")
-    p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
-    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of images in test (random split)")
     p.add_argument("--no-spice", dest="spice", action="store_false", help="do not try SPICE (slow even offline)")
     p.add_argument("--json", type=Path, default=None, help="also write the scores to this JSON file")
     return p
@@ -89,7 +84,7 @@ def run(args: argparse.Namespace) -> CocoScores:
 
     t0 = time.perf_counter()
     results = read_results(args.results)  # a bad results file fails before the dataset is read
-    data = load_flickr8k(args.data, karpathy_json=args.karpathy_json, seed=args.split_seed, val_frac=args.val_frac,
+    data = load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed, val_frac=args.val_frac,
                          test_frac=args.test_frac, dataset=args.dataset)
     names = data.splits[args.split]
     captions = match_results(results, names, data.ids, args.results, args.split)

@@ -106,10 +106,23 @@ def _native_bf16() -> bool:
         return False
 
 
+def _flags_within(flags: frozenset[str], capability: str) -> frozenset[str]:
+    """The flags an older CPU of ``capability`` would have, where ATEN_CPU_CAPABILITY lowered it on purpose.
+
+    That variable is how an AVX2-only machine is approximated on a newer one (ENVIRONMENT.md); ONNX Runtime's
+    kernels read cpuid and ignore it, so without this the int8 choice (VNNI or not) would still be the new CPU's.
+    Only an explicit setting drops flags: torch's own choice of AVX2 on an AVX-512 CPU says nothing of VNNI.
+    """
+    if not os.environ.get("ATEN_CPU_CAPABILITY") or capability.upper().startswith("AVX512"):
+        return flags
+    return frozenset(f for f in flags if not f.startswith(("avx512", "amx")))
+
+
 def detect_cpu() -> CpuInfo:
     model, flags = _cpu_model_and_flags()
-    return CpuInfo(model=model, capability=torch.backends.cpu.get_cpu_capability(), native_bf16=_native_bf16(),
-                   flags=flags, cores=cpu_cores())
+    capability = torch.backends.cpu.get_cpu_capability()
+    return CpuInfo(model=model, capability=capability, native_bf16=_native_bf16(),
+                   flags=_flags_within(flags, capability), cores=cpu_cores())
 
 
 def detect_gpus() -> tuple[GpuInfo, ...]:

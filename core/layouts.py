@@ -10,6 +10,7 @@ Nothing here opens an image: which captioned images exist is decided from one di
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,3 +149,25 @@ def files_present(images_dir: Path, names: list[str]) -> set[str]:
             prefix = f"{folder}/" if folder else ""
             present.update(prefix + e.name for e in os.scandir(path) if is_regular_entry(e))  # a loop: not a file
     return present
+
+
+def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None) -> None:
+    """The flags that name a dataset, its layout and its split, the same in every command (torch-free).
+
+    The directory is the positional DATA_DIR, or the required option ``data_flag`` (e.g. ``"--data"``); either
+    way it lands in ``args.data_dir``. ``core.data.load_from_args`` loads what they name.
+    """
+    from core.cli import add_deprecated_alias
+
+    where = "dataset root (layouts: python -m core.layouts, or the README)"
+    if data_flag:
+        p.add_argument(data_flag, dest="data_dir", type=Path, required=True, help=where)
+    else:
+        p.add_argument("data_dir", type=Path, help=where)
+    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
+                   help="the dataset's layout; auto: from the files present (default)")
+    p.add_argument("--karpathy-json", type=Path, default=None, help="take captions and splits from this file")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the random split, as in training (default 0)")
+    add_deprecated_alias(p, "--seed", "--split-seed", type=int)
+    p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
+    p.add_argument("--test-frac", type=float, default=0.1, help="fraction of images in test (random split)")

@@ -17,7 +17,6 @@ import torch
 from core.data import Flickr8k
 from core.decode import beam_search
 from core.fileio import atomic_write, atomic_write_text
-from core.images import image_transform, load_image
 from core.model import CaptionModel
 from core.vocab import Vocabulary
 
@@ -49,14 +48,12 @@ def fmt_metrics(m: dict) -> str:
 
 def fmt_coco(test: dict) -> str:
     """The COCO caption metrics of a test report (``coco_test_metrics``), one line, or why they are missing."""
-    from core.cocoeval import LABELS, METRICS
+    from core.cocoeval import CocoScores
 
     coco = test.get("coco")
     if not coco:
         return f"COCO caption metrics not computed: {test.get('coco_skipped', 'no test split')}"
-    parts = [f"{LABELS[k]} {coco['scores'][k]:.4f}" for k in METRICS if k in coco["scores"]]
-    parts += [f"{LABELS[k]} unavailable ({why})" for k, why in coco["unavailable"].items()]
-    return f"test, COCO caption metrics ({coco['tokenizer']}): " + " | ".join(parts)
+    return "test, " + CocoScores.from_dict(coco).line()
 
 
 def write_examples(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, names: list[str], beam_size: int,
@@ -67,9 +64,8 @@ def write_examples(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, names
     if not names:
         return []
     cfg = model.cfg
-    transform = image_transform(cfg.image_size, train=False)
     device = next(model.parameters()).device
-    images = torch.stack([transform(load_image(data.image_path(n))) for n in names]).to(device)  # (N, 3, S, S)
+    images = data.eval_images(names, cfg.image_size).to(device)  # (N, 3, S, S)
     model.eval()
     with torch.no_grad(), autocast:
         found = beam_search(model.encode(images), model.step, beam_size, max_len, vocab.start_id, vocab.end_id)

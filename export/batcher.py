@@ -68,7 +68,6 @@ class DynamicBatcher:
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-worker")
         self._stopping = False
-        self._busy = False  # a batch is in the worker thread
 
     async def start(self) -> None:
         self._queue = asyncio.Queue(maxsize=self.config.queue_size)
@@ -98,7 +97,6 @@ class DynamicBatcher:
         """First item (waits for it), then more until max_batch or max_wait after the first."""
         q = self._queue
         batch = [await q.get()]
-        self._busy = True  # from here until the batch has run, stop() waits for it
         deadline = time.monotonic() + self.config.max_wait_ms / 1000
         while len(batch) < self.config.max_batch:
             if not q.empty():
@@ -112,34 +110,39 @@ class DynamicBatcher:
             except asyncio.TimeoutError:
                 break
         self.on_depth(q.qsize())
-        return [it for it in batch if not it.future.done()]  # timed-out requests are not run
+        return batch
 
     async def _gather_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._take_batch()
-            t0 = time.perf_counter()
+            taken = await self._take_batch()
             try:
-                if not batch:
-                    continue
-                results = await loop.run_in_executor(self._pool, self.run_batch, [it.payload for it in batch])
-            except Exception as e:  # noqa: BLE001 - one failed batch fails its requests, never the server
-                for it in batch:
-                    if not it.future.done():
-                        it.future.set_exception(e)
-                continue
+                batch = [it for it in taken if not it.future.done()]  # timed-out requests are not run
+                if batch:
+                    await self._run(batch)
             finally:
-                self._busy = False
-            self.on_batch(len(batch), time.perf_counter() - t0)
-            for it, r in zip(batch, results):
+                for _ in taken:  # what stop() waits for (queue.join)
+                    self._queue.task_done()
+
+    async def _run(self, batch: list[_Item]) -> None:
+        t0 = time.perf_counter()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._pool, self.run_batch,
+                                                                       [it.payload for it in batch])
+        except Exception as e:  # noqa: BLE001 - one failed batch fails its requests, never the server
+            for it in batch:
                 if not it.future.done():
-                    it.future.set_result(r)
+                    it.future.set_exception(e)
+            return
+        self.on_batch(len(batch), time.perf_counter() - t0)
+        for it, r in zip(batch, results):
+            if not it.future.done():
+                it.future.set_result(r)
 
     async def stop(self) -> None:
         """Refuse new work, let everything queued run, then end the gatherer and the worker thread."""
         self._stopping = True
-        while self._queue is not None and (not self._queue.empty() or self._busy):
-            await asyncio.sleep(0.01)
+        if self._queue is not None:
+            await self._queue.join()  # every item taken has had its batch run (or was skipped, timed out)
         if self._task is not None:
             self._task.cancel()  # it is idle, waiting for an item that will not come
             try:

@@ -37,23 +37,13 @@ from pathlib import Path
 import torch
 
 from core import hardware
-from core.cli import add_deprecated_alias
+from core.cli import add_deprecated_alias, positive_int
 from core.fileio import printable
 from core.images import IMAGE_EXTENSIONS, release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
 
 log = get_logger("caption")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from core.decode import Hypothesis, beam_search, check_search
 from core.hardware import cpu_cores
 from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image
 from core.vocab import Vocabulary
-from export.backends import Backend
+from export.backends import Backend, torch_threads
 from export.manifest import DEFAULT_MAX_LEN, transform_for
 
 
@@ -84,9 +84,10 @@ class Captioner:
     def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
         """Preprocessed images [N,3,S,S] float32 -> one Hypothesis per image."""
         images = self.backend.check_images(images)
-        encoded = self.backend.encode(images)
-        return beam_search(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
-                           self.vocab.end_id, length_norm=self.length_norm, search=self.search)
+        with torch_threads(self.backend.search_threads):
+            encoded = self.backend.encode(images)
+            return beam_search(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
+                               self.vocab.end_id, length_norm=self.length_norm, search=self.search)
 
     def caption(self, images: Tensor) -> list[str]:
         return [self.vocab.decode(h.tokens) for h in self.caption_tensors(images)]

@@ -166,11 +166,14 @@ def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = No
             quantize_dynamic(str(plain), str(dst), op_types_to_quantize=["MatMul"], nodes_to_quantize=weight_matmuls,
                              per_channel=True, weight_type=QuantType.QInt8,
                              reduce_range=choice.value == "reduce_range", extra_options={"MatMulConstBOnly": True})
-            _name_kept(dst, kept)
         finally:
             logging.getLogger().disabled = was
+    quantized = onnx.load(str(dst))
+    missing = sorted(set(kept) - {n.name for n in quantized.graph.node})  # quantize_dynamic keeps node names
+    if missing:
+        raise ExportError(f"int8 step: the fp32 matmuls {missing} were not kept")
     info = check_onnx(dst)
-    left = [n for n in _weight_matmuls(onnx.load(str(dst)), ("MatMul", "Gemm")) if n not in kept]
+    left = [n for n in _weight_matmuls(quantized, ("MatMul", "Gemm")) if n not in kept]
     info.update(
         method="onnxruntime.quantization.quantize_dynamic (weights int8 per channel, activations uint8 dynamic)",
         kept_float=kept,
@@ -186,16 +189,6 @@ def quantize_step_int8(src: Path, dst: Path, choice: hardware.Choice | None = No
     if info["quantized_matmuls"] != len(weight_matmuls) or left:
         raise ExportError(f"int8 quantization left weight matmuls in float: {left} ({info['ops']})")
     return info
-
-
-def _name_kept(dst: Path, kept: list[str]) -> None:
-    """Check that the fp32 matmuls kept out of quantization are still there, by name (quantize_dynamic keeps names)."""
-    import onnx
-
-    names = {n.name for n in onnx.load(str(dst)).graph.node}
-    missing = [k for k in kept if k not in names]
-    if missing:
-        raise ExportError(f"int8 step: the fp32 matmuls {missing} were not kept")
 
 
 def _encoder_tail(model) -> list[str]:

@@ -26,24 +26,12 @@ from pathlib import Path
 import torch
 
 from core import hardware
+from core.cli import positive_float, positive_int
 from core.images import release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.serve_app import ServeConfig, create_app
 
 log = get_logger("serve")
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,26 +45,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime (default ort)")
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--beam-size", "--beam", type=_positive(int), default=d.beam_size, help="beam size (default 3)")
-    p.add_argument("--max-decode-len", type=_positive(int), default=None, help="longest caption (default: the model's)")
-    p.add_argument("--threads", type=_positive(int), default=d.threads,
+    p.add_argument("--beam-size", "--beam", type=positive_int, default=d.beam_size, help="beam size (default 3)")
+    p.add_argument("--max-decode-len", type=positive_int, default=None, help="longest caption (default: the model's)")
+    p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="inference threads (default: the cores less one)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where the model runs")
     p.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], default=d.precision,
                    help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32 "
                         "(as python -m export.caption)")
-    p.add_argument("--max-batch", type=_positive(int), default=d.max_batch, help="images per batch (default 16)")
+    p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="images per batch (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="longest wait for more images once one is queued (default 10)")
-    p.add_argument("--queue-size", type=_positive(int), default=d.queue_size,
+    p.add_argument("--queue-size", type=positive_int, default=d.queue_size,
                    help="images allowed to wait; more are answered 503 + Retry-After (default 256)")
-    p.add_argument("--timeout-s", type=_positive(float), default=d.timeout_s, help="per request; then 504 (default 30)")
-    p.add_argument("--max-body-mb", type=_positive(float), default=d.max_body_mb,
+    p.add_argument("--timeout-s", type=positive_float, default=d.timeout_s, help="per request; then 504 (default 30)")
+    p.add_argument("--max-body-mb", type=positive_float, default=d.max_body_mb,
                    help="request body limit in MiB (default 20)")
-    p.add_argument("--max-images", type=_positive(int), default=d.max_images, help="images per request (default 16)")
-    p.add_argument("--max-pixels", type=_positive(int), default=d.max_pixels,
+    p.add_argument("--max-images", type=positive_int, default=d.max_images, help="images per request (default 16)")
+    p.add_argument("--max-pixels", type=positive_int, default=d.max_pixels,
                    help="largest width x height decoded (default core.images.MAX_PIXELS)")
-    p.add_argument("--decode-threads", type=_positive(int), default=d.decode_threads,
+    p.add_argument("--decode-threads", type=positive_int, default=d.decode_threads,
                    help="threads decoding uploads (default 2)")
     p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")

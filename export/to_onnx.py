@@ -251,18 +251,14 @@ def caption_max_len(requested: int | None, state: dict[str, Any]) -> int:
 
 def _split_images(data, split: str, image_size: int, limit: int):
     """(images [N,3,S,S], tokenized references) of the first ``limit`` images of a dataset split."""
-    from core.images import image_transform, load_image
     from core.splits import SPLIT_NAMES
-    from core.vocab import tokenize
 
     if split not in SPLIT_NAMES:
         raise ExportError(f"--split {split}: no such split; choose from {', '.join(SPLIT_NAMES)}")
     names = data.splits[split][:limit]
     if not names:
         raise ExportError(f"split {split} of the calibration data is empty")
-    tf = image_transform(image_size, train=False)
-    images = torch.stack([tf(load_image(data.image_path(n))) for n in names])
-    return images, [[tokenize(c) for c in data.captions[n]] for n in names]
+    return data.eval_images(names, image_size), data.tokenized_references(names)
 
 
 def calibration_data(requested: Path | None, state: dict[str, Any]) -> tuple[Any, str] | None:

@@ -27,3 +27,31 @@ def test_scripts_run_from_another_directory(script, tmp_path):
                          text=True, timeout=120, env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr
     assert "usage:" in res.stdout
+
+
+@pytest.mark.parametrize(("module", "flag", "value", "message"), [
+    ("export.caption", "--batch-size", "0", "must be 1 or more, got 0"),
+    ("export.caption", "--threads", "two", "expected a whole number, got two"),
+    ("export.serve", "--max-batch", "-3", "must be 1 or more, got -3"),
+    ("export.serve", "--timeout-s", "nan", "must be more than 0, got nan"),
+    ("export.serve", "--max-body-mb", "inf", "must be more than 0, got inf"),
+])
+def test_counts_and_limits_refuse_what_is_not_positive(module, flag, value, message, capsys):
+    """One rule (core.cli.positive_int / positive_float) in every command: a usage error naming the flag."""
+    parser = importlib.import_module(module).build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and flag in err and message in err
+
+
+def test_dataset_flags_are_the_same_in_every_command():
+    """core.evaluate names its directory --data, core.data a positional DATA_DIR; the rest is one declaration."""
+    from core.data import build_parser as data_parser
+    from core.evaluate import build_parser as evaluate_parser
+
+    info = data_parser().parse_args(["info", "/d", "--dataset", "coco", "--split-seed", "3", "--test-frac", "0.2"])
+    ev = evaluate_parser().parse_args(["r.json", "--data", "/d", "--dataset", "coco", "--split-seed", "3",
+                                       "--test-frac", "0.2"])
+    for key in ("data_dir", "dataset", "karpathy_json", "split_seed", "val_frac", "test_frac"):
+        assert getattr(info, key) == getattr(ev, key), key

@@ -87,3 +87,13 @@ def test_spice_is_skipped_before_its_download_when_the_corenlp_jars_are_absent(t
     for jar in SPICE_JARS:
         (tmp_path / "spice" / "lib" / jar).write_bytes(b"")
     assert spice_missing(tmp_path) is None
+
+
+def test_scores_print_as_a_table_and_as_one_line_from_their_saved_form():
+    from core.cocoeval import CocoScores
+
+    s = CocoScores({"bleu4": 0.25, "cider": 1.5}, {"meteor": "needs Java"}, tokenizer="PTB", images=3)
+    back = CocoScores.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert back == s
+    assert back.line() == "COCO caption metrics (PTB): BLEU-4 0.2500 | METEOR unavailable (needs Java) | CIDEr-D 1.5000"
+    assert back.table().splitlines()[2:] == ["BLEU-4   0.2500", "METEOR   unavailable: needs Java", "CIDEr-D  1.5000"]

@@ -149,5 +149,9 @@ def test_doctor_on_a_cpu_restricted_to_avx2_chooses_fp32():
     rows = _doctor({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"})
     assert rows["native bf16 (oneDNN)"].startswith("no")
     assert rows["ATen kernel level"] == "AVX2"
+    # The approximation reaches the int8 choice too (ONNX Runtime reads cpuid, not these variables): the older
+    # kind has no VNNI, so the export writes 7-bit weights and auto takes int8 only from such files.
+    assert "avx512" not in rows["CPU flags"] and rows["VNNI / AMX"] == "no / no"
+    assert rows["-> int8 export"].startswith("int8 weights in 7 bits")
     if not torch.cuda.is_available():
         assert rows["-> training precision"].startswith("fp32")

@@ -74,6 +74,31 @@ def test_captioner_end_to_end_matches_across_backends(art, backends):
     print("\n" + "\n".join(caps["ort"]))
 
 
+def test_the_search_over_ort_on_cpu_runs_torch_on_one_thread(art, backends):
+    """ORT computes in its own pool; torch's OpenMP workers, spinning after each small search op, would take its
+    cores. The Captioner drops torch to one thread around encode + search and restores the caller's setting."""
+    ort, eager = backends["ort"], backends["eager"]
+    assert ort.search_threads == 1 and eager.search_threads is None
+    seen = []
+
+    class Watched:  # the real backend; its step notes torch's thread count
+        def __getattr__(self, name):
+            return getattr(ort, name)
+
+        def step(self, *args):
+            seen.append(torch.get_num_threads())
+            return ort.step(*args)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert Captioner(Watched(), beam_size=3).caption(art.images[:2]) == Captioner(ort, beam_size=3).caption(
+            art.images[:2])
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_step_outputs_within_tolerance(backends, encodings):
     n, k = 3, 5
     enc = _slice(encodings["eager"], n)
