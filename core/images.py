@@ -192,6 +192,20 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> I
         yield im
 
 
+def reduce_jpeg_scale(im: Image.Image, image_size: int) -> None:
+    """Let a JPEG from :func:`open_image` decode at libjpeg's reduced scale (DCT scaling by 1/2, 1/4 or 1/8)
+    where the result stays at least twice ``image_size`` on both sides; other formats are left as they are.
+
+    For captioning only (the model sees ``image_size`` pixels): a 12-Mpx photo for a 256-px model decodes at
+    1000x750, 2.7x faster than a full decode and its resize, and the antialiased resize from twice the size
+    changes the input little (Pillow's thumbnail() makes the same trade by default, ``reducing_gap=2``).
+    Flickr8k-sized images (500x375) are never reduced for a 256-px model. Training and the dataset check
+    decode in full.
+    """
+    if im.format in ("JPEG", "MPO"):
+        im.draft(None, (2 * image_size, 2 * image_size))  # square: the same whatever the EXIF orientation
+
+
 def decode_rgb(im: Image.Image, path: str | os.PathLike[str], exif_transpose: bool = True, *,
                grey_ok: bool = False) -> Image.Image:
     """Decode an image from :func:`open_image` and return it in RGB (step 3); errors name ``path``.
@@ -233,9 +247,10 @@ def load_image(path: str | os.PathLike[str], exif_transpose: bool = True, *,
 
 
 def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = True, *,
-                     max_pixels: int | None = None) -> Image.Image:
+                     max_pixels: int | None = None, reduce_for: int | None = None) -> Image.Image:
     """:func:`load_image` for bytes in memory (an HTTP upload): the same formats, pixel limit and errors,
-    with ``name`` in the messages where a path would be. No path is ever opened."""
+    with ``name`` in the messages where a path would be. No path is ever opened. ``reduce_for``: the model's
+    input size, for :func:`reduce_jpeg_scale`."""
     path = Path(name)
     if not data:
         raise _error(path, "empty-file", "zero bytes")
@@ -244,6 +259,8 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = 
     w, h = im.size
     if w * h > limit:
         raise _error(path, "decompression-bomb", f"{w}x{h} = {w * h} pixels is over the limit of {limit}; not decoded")
+    if reduce_for:
+        reduce_jpeg_scale(im, reduce_for)
     return decode_rgb(im, path, exif_transpose)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from core.decode import Hypothesis, beam_search, check_search
 from core.hardware import cpu_cores
-from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image
+from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image, reduce_jpeg_scale
 from core.vocab import Vocabulary
 from export.backends import Backend, torch_threads
 from export.manifest import DEFAULT_MAX_LEN, transform_for
@@ -79,6 +79,7 @@ class Captioner:
         self.length_norm = length_norm
         self.search = search  # "default", or "tutorial": the tutorial's caption_image_beam_search decisions
         self.transform = transform_for(preprocess or backend.preprocess)
+        self.image_size = int((preprocess or backend.preprocess)["image_size"])
         self.budget = PixelBudget()  # caption_paths' loader threads: one image of the pixel limit at a time
 
     def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
@@ -95,6 +96,7 @@ class Captioner:
     def load(self, path: str | os.PathLike) -> Tensor:
         """One file as the model's input [3,S,S]; an unusable file raises core.images.ImageLoadError naming it."""
         with open_image(path) as im:
+            reduce_jpeg_scale(im, self.image_size)  # a large JPEG decodes at 1/2..1/8 scale, >= 2x the input
             with self.budget.take(im.size[0] * im.size[1]):  # decoded and resized under the loaders' budget
                 return self.transform(decode_rgb(im, path, grey_ok=True))  # grey stays 1 byte/pixel until resized
 

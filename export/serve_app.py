@@ -141,7 +141,7 @@ class CaptionService:
         uploads = await read_uploads(request, int(cfg.max_body_mb * 2**20), cfg.max_images)
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(self.decode_pool, decode_uploads, uploads, self.captioner.transform,
-                                            cfg.max_pixels)
+                                            cfg.max_pixels, self.captioner.image_size)
         if self.batcher.depth + len(images) > cfg.queue_size:
             raise self._busy(f"{self.batcher.depth} images are waiting (--queue-size {cfg.queue_size})")
         try:

@@ -109,14 +109,15 @@ async def read_uploads(request: Request, limit: int, max_images: int) -> list[Up
     return uploads
 
 
-def decode_uploads(uploads: list[Upload], transform: Callable, max_pixels: int) -> list[Tensor]:
+def decode_uploads(uploads: list[Upload], transform: Callable, max_pixels: int, image_size: int) -> list[Tensor]:
     """Each upload through core.images and the model's transform -> [3,S,S]; the first bad one is the error.
 
-    Runs in a worker thread (decoding is CPU work the event loop must not wait on)."""
+    Runs in a worker thread (decoding is CPU work the event loop must not wait on). A large JPEG decodes at a
+    reduced scale, at least twice ``image_size`` (core.images.reduce_jpeg_scale), as the caption command does."""
     out = []
     for u in uploads:
         try:
-            out.append(transform(load_image_bytes(u.data, u.name, max_pixels=max_pixels)))
+            out.append(transform(load_image_bytes(u.data, u.name, max_pixels=max_pixels, reduce_for=image_size)))
         except ImageLoadError as e:
             status = 415 if e.kind in _UNSUPPORTED_KINDS else 422
             raise Problem(status, f"{u.name}: {e.kind}: {e.detail}") from None

@@ -99,6 +99,20 @@ def test_the_search_over_ort_on_cpu_runs_torch_on_one_thread(art, backends):
         torch.set_num_threads(before)
 
 
+def test_captioner_decodes_a_large_jpeg_at_a_reduced_scale(art, backends, tmp_path):
+    from PIL import Image
+
+    from core.images import load_image_bytes
+
+    size = backends["ort"].image_size
+    path = tmp_path / "large.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (8 * size, 10 * size, 3), dtype=np.uint8)).save(path)
+    cap = Captioner(backends["ort"], beam_size=1)
+    want = cap.transform(load_image_bytes(path.read_bytes(), reduce_for=size))
+    assert torch.equal(cap.load(path), want)
+    assert not torch.equal(want, cap.transform(load_image(path)))  # the full decode gives (slightly) other pixels
+
+
 def test_step_outputs_within_tolerance(backends, encodings):
     n, k = 3, 5
     enc = _slice(encodings["eager"], n)
