@@ -163,6 +163,11 @@ def _session_options(ort, threads: int | None):
     so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = int(threads)
+    # Idle pool threads sleep instead of spinning. The encoder and the step are two sessions with a pool each, used
+    # in turns with the search's Python in between: a spinning pool takes a core from the one that works. Measured
+    # back to back (2-core Zen 5, ResNet-101, beam 5): 1 image end to end fp32 210 -> 165 ms, int8 125 -> 73 ms;
+    # 32 images unchanged; a step timed alone in a loop is 10-20% slower (it loses the spin's quick wake-up).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: a CUDA fallback is reported by the backend, loudly
     return so
 

@@ -275,6 +275,8 @@ def test_session_options_and_providers(art, backends):
 
     assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     assert opts.intra_op_num_threads == 1
+    for sess in (ort_b.encoder_sess, ort_b.step_sess):  # two pools used in turns: neither spins while idle
+        assert sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDAExecutionProvider requested"):
             OrtBackend(art.export_dir, providers=["cuda"])
