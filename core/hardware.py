@@ -18,6 +18,7 @@ VPMADDUBSW, whose 16-bit sums saturate with full-range int8 weights.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import platform
@@ -171,11 +172,11 @@ def detect(ort: bool = False) -> Hardware:
     """This machine. ``ort=True`` also starts an ONNX Runtime CUDA session where a GPU is visible (``ort_cuda``):
     only what captions through ONNX Runtime asks for it, so training and the eager path never import onnxruntime
     or open that session; without it ``ort_cuda`` is False."""
-    gpus = detect_gpus()
     if not ort:
-        return Hardware(cpu=detect_cpu(), gpus=gpus)
-    ort_cuda, why = probe_ort_cuda() if gpus else (False, "no CUDA GPU")
-    return Hardware(cpu=detect_cpu(), gpus=gpus, ort_cuda=ort_cuda, notes=(f"ORT CUDA: {why}",) if why else ())
+        return Hardware(cpu=detect_cpu(), gpus=detect_gpus())
+    base = detect()  # the cached CPU and GPU probes, not run twice
+    ort_cuda, why = probe_ort_cuda() if base.gpus else (False, "no CUDA GPU")
+    return dataclasses.replace(base, ort_cuda=ort_cuda, notes=(f"ORT CUDA: {why}",) if why else ())
 
 
 # ------------------------------------------------------------------------------------------------------- choices
