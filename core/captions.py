@@ -93,7 +93,8 @@ class CaptionFilter:
     The first line of a duplicate is kept; the flagged line is skipped by training and reported by the check.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "line") -> None:
+        self.unit = unit  # what ``lineno`` counts in the messages: a file's lines, or a Karpathy image's sentences
         self.keys: dict[tuple[str, str], int] = {}
         self.texts: dict[tuple[str, str], int] = {}
 
@@ -102,9 +103,9 @@ class CaptionFilter:
         text = " ".join(caption.lower().split())
         found = None
         if (name, n) in self.keys:
-            found = "duplicate-caption", f"{name}#{n} already on line {self.keys[name, n]}"
+            found = "duplicate-caption", f"{name}#{n} already on {self.unit} {self.keys[name, n]}"
         elif (name, text) in self.texts:
-            found = "duplicate-caption", f"same caption for {name} as line {self.texts[name, text]}"
+            found = "duplicate-caption", f"same caption for {name} as {self.unit} {self.texts[name, text]}"
         elif not tokenize(caption):
             found = "empty-caption", f"{name}#{n}: {caption[:40]!r} has no words once tokenized"
         self.keys.setdefault((name, n), lineno)

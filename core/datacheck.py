@@ -1,9 +1,14 @@
-"""Scan a Flickr8k-layout dataset once for everything that would break or silently spoil training.
+"""Scan a dataset once for everything that would break or silently spoil training.
 
-    python -m core.data check DATA_DIR [--skip-list PATH] [--workers N]
+    python -m core.data check DATA_DIR [--skip-list PATH] [--workers N] [--dataset auto|flickr8k|flickr30k|coco]
     python -m core.datacheck DATA_DIR ...          (same command, without going through core.data)
 
-Every image in ``Images/`` and every line of ``Flickr8k.token.txt`` is checked; images go through the
+Every image in ``Images/`` and every line of ``Flickr8k.token.txt`` is checked (the Flickr8k layout). The
+Karpathy-file layouts (``dataset_flickr30k.json`` + ``flickr30k-images/``, ``dataset_coco.json`` + ``train2014/``
+and ``val2014/``, or Flickr8k's images with ``--karpathy-json``; see core.layouts) are checked the same way: every
+image of the folders that hold captioned images, and every caption of the file, whose problems are named
+``FILE: kind: sentence J: IMAGE ...`` (the file is JSON: there are no line numbers; one it cannot parse is exit 2
+with the field named). images go through the
 training loader's own steps (``core.images``: header checks, full decode with ``LOAD_TRUNCATED_IMAGES`` off,
 EXIF, RGB) in a thread pool, so a truncated file cannot pass as half an image. Threads decode together only
 while their images' pixels add up to at most the pixel limit, so memory stays near that of one image at the
@@ -67,6 +72,7 @@ from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatErro
                            parse_caption_line, read_lines)
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
+from core.layouts import DATASETS, KARPATHY_FILES, DatasetNotFoundError, detect, read_layout
 from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
                             is_regular_entry)
 
@@ -106,7 +112,8 @@ class CheckReport:
     listing_hash: str
     num_images: int = 0  # image files checked
     num_caption_lines: int = 0  # non-blank lines of the caption file
-    num_ignored: int = 0  # entries of Images/ not checked (sub-directories, hidden files, other extensions)
+    num_ignored: int = 0  # entries of the image folders not checked (sub-directories, hidden files, other extensions)
+    image_folders: str = IMAGES_DIR + "/"  # where the images are, for the summary
 
     @property
     def ok(self) -> bool:
@@ -117,9 +124,9 @@ class CheckReport:
 
     def summary(self) -> str:
         counts = self.counts()
-        bad = len({p.path for p in self.problems if p.path.startswith(IMAGES_DIR + "/")})
+        bad = len({p.path for p in self.problems if p.kind in IMAGE_KINDS})
         head = (f"checked {self.num_images} images ({self.num_images - bad} ok), {self.num_caption_lines} caption "
-                f"lines, ignored {self.num_ignored} other entries of {IMAGES_DIR}/")
+                f"lines, ignored {self.num_ignored} other entries of {self.image_folders}")
         if not self.problems:
             return head + "\nno problems found"
         kinds = ", ".join(f"{k} {counts[k]}" for k in (*IMAGE_KINDS, *LINE_KINDS) if counts[k])
@@ -157,19 +164,21 @@ def check_image(path: Path, limits: _Limits, budget: PixelBudget | None = None) 
     return None
 
 
-def _image_files(images_dir: Path) -> tuple[set[str], set[str], int]:
-    """(files that count as dataset images, all regular files, number of entries not counted) of Images/."""
+def _image_files(images_dir: Path, folder: str = "") -> tuple[set[str], set[str], int]:
+    """(files that count as dataset images, all regular files, number of entries not counted) of one image
+    folder, ``images_dir/folder``, named as the captions name them (``folder/NAME``, or ``NAME`` at the top)."""
     images: set[str] = set()
     regular: set[str] = set()
     ignored = 0
-    for e in os.scandir(images_dir):
+    prefix = f"{folder}/" if folder else ""
+    for e in os.scandir(images_dir / folder):
         is_file = is_regular_entry(e)
         if is_file:
-            regular.add(e.name)
+            regular.add(prefix + e.name)
         if e.name.startswith(".") or not is_file or os.path.splitext(e.name)[1].lower() not in IMAGE_EXTENSIONS:
             ignored += 1
         else:
-            images.add(e.name)
+            images.add(prefix + e.name)
     return images, regular, ignored
 
 
@@ -178,7 +187,8 @@ def _image_files(images_dir: Path) -> tuple[set[str], set[str], int]:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _Captions:
-    first_line: dict[str, int] = field(default_factory=dict)  # image name -> first line naming it
+    file: str = TOKEN_FILE  # the caption file, relative to the dataset root
+    first_line: dict[str, int | None] = field(default_factory=dict)  # image name -> first line naming it
     lines: int = 0
     problems: list[Problem] = field(default_factory=list)
     bad_lines: list[int] = field(default_factory=list)
@@ -210,6 +220,38 @@ def _scan_captions(path: Path) -> _Captions:
     return out
 
 
+def _scan_karpathy(root: Path, dataset: str, karpathy_json: Path | None) -> tuple[_Captions, Path]:
+    """The captions of a Karpathy-file layout (core.layouts reads and validates the file) and its image folder."""
+    try:
+        layout = read_layout(root, dataset, karpathy_json)
+    except (DatasetNotFoundError, DataFormatError) as e:
+        raise DataCheckError(str(e)) from e
+    source = Path(karpathy_json) if karpathy_json is not None else root / KARPATHY_FILES[layout.dataset]
+    out = _Captions(file=os.path.relpath(source, root))
+    rules = CaptionFilter(unit="sentence")  # training's rule; a JSON file has sentences, not lines
+    for name, captions in layout.captions.items():
+        out.first_line[name] = None
+        for j, caption in enumerate(captions):
+            out.lines += 1
+            problem = rules.problem(j, name, str(j), caption)
+            if problem:
+                out.problems.append(Problem(out.file, None, problem[0], f"sentence {j}: {problem[1]}"))
+    return out, layout.images_dir
+
+
+def _token_layout(root: Path, dataset: str, karpathy_json: Path | None) -> bool:
+    """Whether ``root`` is read as Images/ + Flickr8k.token.txt (else: a Karpathy file's layout)."""
+    if karpathy_json is not None:
+        return False
+    if dataset == "auto":
+        try:
+            dataset = detect(root)
+        except DatasetNotFoundError:
+            return True  # nothing recognizable: the Flickr8k checks name what is missing
+    # Flickr8k without its token file but with Karpathy's dataset_flickr8k.json is read from the JSON, as training does
+    return dataset == "flickr8k" and ((root / TOKEN_FILE).is_file() or not (root / KARPATHY_FILES["flickr8k"]).is_file())
+
+
 # --------------------------------------------------------------------------------------------
 # The whole dataset
 # --------------------------------------------------------------------------------------------
@@ -233,29 +275,41 @@ def _check_images(images_dir: Path, names: list[str], limits: _Limits,
 
 
 def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, min_side: int = MIN_SIDE,
-                  max_aspect: float = MAX_ASPECT, max_pixels: int | None = None) -> CheckReport:
-    """Check every image and caption line of ``root`` once; see the module docstring for the rules.
+                  max_aspect: float = MAX_ASPECT, max_pixels: int | None = None, dataset: str = "auto",
+                  karpathy_json: str | os.PathLike[str] | None = None) -> CheckReport:
+    """Check every image and caption of ``root`` once; see the module docstring for the rules.
 
+    ``dataset``/``karpathy_json`` choose the layout as training does (core.layouts; auto: from the files present).
     ``max_pixels`` None means ``core.images.MAX_PIXELS`` at call time. Raises :class:`DataCheckError`
     for unusable input.
     """
     root = Path(root)
+    kpath = Path(karpathy_json) if karpathy_json is not None else None
     if not root.is_dir():
         raise DataCheckError(f"dataset directory {root} does not exist")
-    images_dir, token = root / IMAGES_DIR, root / TOKEN_FILE
-    if not images_dir.is_dir():
-        raise DataCheckError(f"no {IMAGES_DIR}/ folder in {root}")
-    if not token.is_file():
-        raise DataCheckError(f"no caption file {token}")
     limits = _Limits(min_side, max_aspect, core.images.MAX_PIXELS if max_pixels is None else max_pixels)
-
-    try:
-        caps = _scan_captions(token)
-    except OSError as e:
-        raise DataCheckError(f"cannot read {token}: {e.strerror or e}") from e
-    if not caps.first_line and not caps.problems:
-        raise DataCheckError(f"{token}: no captions found (empty file?)")
-    files, on_disk, ignored = _image_files(images_dir)  # on_disk: what core.data.load_flickr8k sees
+    if _token_layout(root, dataset, kpath):
+        images_dir, token = root / IMAGES_DIR, root / TOKEN_FILE
+        if not images_dir.is_dir():
+            raise DataCheckError(f"no {IMAGES_DIR}/ folder in {root}")
+        if not token.is_file():
+            raise DataCheckError(f"no caption file {token}")
+        try:
+            caps = _scan_captions(token)
+        except OSError as e:
+            raise DataCheckError(f"cannot read {token}: {e.strerror or e}") from e
+        if not caps.first_line and not caps.problems:
+            raise DataCheckError(f"{token}: no captions found (empty file?)")
+    else:
+        caps, images_dir = _scan_karpathy(root, dataset, kpath)
+    # The folders that hold captioned images (Flickr8k: Images/ itself; COCO: train2014/, val2014/), each listed once.
+    folders = sorted({os.path.dirname(n) for n in caps.first_line} | ({""} if images_dir == root / IMAGES_DIR else set()))
+    files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_flickr8k sees
+    for folder in folders:
+        if (images_dir / folder).is_dir():
+            f, d, i = _image_files(images_dir, folder)
+            files, on_disk, ignored = files | f, on_disk | d, ignored + i
+    where = {n: os.path.relpath(images_dir / n, root) for n in files | set(caps.first_line)}  # paths in messages
     # Referenced by a caption but hidden or with another extension: still an image of the dataset.
     for name in caps.first_line:
         if name in on_disk and name not in files:
@@ -267,26 +321,28 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
     skip: dict[str, list[str]] = {}
     for name, lineno in caps.first_line.items():
         if name not in on_disk:
-            problems.append(Problem(TOKEN_FILE, lineno, "missing-image",
-                                    f"{name!r} is not a file in {IMAGES_DIR}/"))
-            skip.setdefault(name, []).append(f"missing-image: not a file in {IMAGES_DIR}/")
+            folder = os.path.dirname(where[name]) + "/"
+            problems.append(Problem(caps.file, lineno, "missing-image", f"{name!r} is not a file in {folder}"))
+            skip.setdefault(name, []).append(f"missing-image: not a file in {folder}")
 
     results = _check_images(images_dir, names, limits, workers or _default_workers())
     for name, result in zip(names, results):
-        rel = f"{IMAGES_DIR}/{name}"
+        rel = where[name]
         if result is not None:
             kind, message = result
             problems.append(Problem(rel, None, kind, message))
             skip.setdefault(name, []).append(f"{kind}: {message}")
         if name not in caps.first_line:
-            problems.append(Problem(rel, None, "no-captions", f"no line of {TOKEN_FILE} names {name}"))
+            problems.append(Problem(rel, None, "no-captions", f"no caption of {caps.file} names {name}"))
             skip.setdefault(name, []).append("no-captions")
 
     problems.sort(key=lambda p: (p.path, p.line or 0, p.kind))
+    shown = ", ".join(os.path.relpath(images_dir / f, root) + "/" for f in folders) or f"{IMAGES_DIR}/"
     return CheckReport(root=root, problems=problems, skip=sorted(skip),
                        skip_reasons={n: "; ".join(skip[n]) for n in sorted(skip)},
                        bad_lines=sorted(caps.bad_lines), listing_hash=dataset_listing_hash(root),
-                       num_images=len(names), num_caption_lines=caps.lines, num_ignored=ignored)
+                       num_images=len(names), num_caption_lines=caps.lines, num_ignored=ignored,
+                       image_folders=shown)
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,7 +373,10 @@ _EPILOG = "Rules" + __doc__.split("Rules", 1)[1]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="dataset root (Images/ + Flickr8k.token.txt)")
+    p.add_argument("data_dir", type=Path, help="dataset root (layouts: python -m core.layouts, or the README)")
+    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
+                   help="the dataset's layout; auto: from the files present (default)")
+    p.add_argument("--karpathy-json", type=Path, default=None, help="take the captions from this Karpathy file")
     p.add_argument("--skip-list", type=Path, default=None,
                    help=f"where to write the skip list (default DATA_DIR/{SKIP_LIST_NAME})")
     p.add_argument("--no-skip-list", action="store_true", help="only report, write no skip list")
@@ -334,7 +393,8 @@ def run_check(args: argparse.Namespace) -> int:
     """The ``check`` command on parsed arguments; returns the exit status."""
     try:
         report = check_dataset(args.data_dir, workers=args.workers, min_side=args.min_side,
-                               max_aspect=args.max_aspect, max_pixels=args.max_pixels)
+                               max_aspect=args.max_aspect, max_pixels=args.max_pixels, dataset=args.dataset,
+                               karpathy_json=args.karpathy_json)
     except DataCheckError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,27 +33,30 @@ def is_regular_entry(entry: os.DirEntry) -> bool:
 
 
 def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
-    """sha256 over the caption file's bytes and the (name, size) of every non-hidden file in Images/.
+    """sha256 over the caption files' bytes and the (name, size) of every non-hidden file in the image folders.
 
-    Sizes, not times or contents: a copy of the dataset on another node has the same hash, and hashing
-    8,000 images costs one directory listing. Hidden files (.DS_Store, ._x.jpg) that copy tools add or
-    drop do not count.
+    Caption files: Flickr8k.token.txt and Karpathy's dataset_*.json; image folders: those of every layout
+    (core.layouts: Images/, flickr30k-images/, train2014/, val2014/), where present. Sizes, not times or
+    contents: a copy of the dataset on another node has the same hash, and hashing 8,000 images costs one
+    directory listing. Hidden files (.DS_Store, ._x.jpg) that copy tools add or drop do not count.
     """
+    from core.layouts import COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, KARPATHY_FILES  # (it imports this module)
+
     root = Path(root)
     h = hashlib.sha256()
-    token = root / TOKEN_FILE
-    if token.is_file():
-        th = hashlib.sha256()
-        with open(token, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                th.update(chunk)
-        h.update(f"{TOKEN_FILE}\t{th.hexdigest()}\n".encode())
-    images_dir = root / IMAGES_DIR
-    if images_dir.is_dir():
-        entries = sorted((e.name, e.stat().st_size) for e in os.scandir(images_dir)
-                         if is_regular_entry(e) and not e.name.startswith("."))
-        for name, size in entries:
-            h.update(f"{IMAGES_DIR}/{name}\t{size}\n".encode("utf-8", "surrogateescape"))
+    for name in (TOKEN_FILE, *KARPATHY_FILES.values()):
+        if (root / name).is_file():
+            th = hashlib.sha256()
+            with open(root / name, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    th.update(chunk)
+            h.update(f"{name}\t{th.hexdigest()}\n".encode())
+    for folder in dict.fromkeys((IMAGES_DIR, *FLICKR30K_IMAGE_DIRS, *COCO_IMAGE_DIRS)):  # ordered, no repeats
+        if (root / folder).is_dir():
+            entries = sorted((e.name, e.stat().st_size) for e in os.scandir(root / folder)
+                             if is_regular_entry(e) and not e.name.startswith("."))
+            for name, size in entries:
+                h.update(f"{folder}/{name}\t{size}\n".encode("utf-8", "surrogateescape"))
     return "sha256:" + h.hexdigest()
 
 

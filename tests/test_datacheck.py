@@ -342,3 +342,56 @@ def test_listing_hash_ignores_hidden_files_that_copy_tools_add(tmp_path):
     assert dataset_listing_hash(root) == before
     (root / "Images" / "00001.jpg").write_bytes(corpus.jpeg((20, 20)))
     assert dataset_listing_hash(root) != before
+
+
+def test_a_coco_layout_is_checked_file_by_file_and_caption_by_caption(tmp_path, capsys):
+    """The Karpathy-file layouts: the JSON's captions by training's rule, the images of train2014/ and val2014/."""
+    root = generate(tmp_path / "coco", 12, seed=5, size=32, layout="coco")
+    meta = json.loads((root / "dataset_coco.json").read_text())
+    first, second = meta["images"][0], meta["images"][1]
+    first["sentences"] += [{"raw": "..."}, {"raw": first["sentences"][0]["raw"].upper()}]
+    (root / "dataset_coco.json").write_text(json.dumps(meta))
+    broken = f"{first['filepath']}/{first['filename']}"
+    (root / broken).write_bytes((root / broken).read_bytes()[:200])  # truncated
+    missing = f"{second['filepath']}/{second['filename']}"
+    (root / missing).unlink()
+    extra = f"{first['filepath']}/uncaptioned.jpg"
+    Image.new("RGB", (32, 32)).save(root / extra)
+
+    assert datacheck.main([str(root)]) == 1
+    out = capsys.readouterr().out
+    kinds = {(m.group(1), m.group(2)) for m in re.finditer(r"^\S+/(\S+?): (\S+):", out, re.M)}
+    assert kinds == {("dataset_coco.json", "duplicate-caption"), ("dataset_coco.json", "empty-caption"),
+                     ("dataset_coco.json", "missing-image"), (broken.split("/")[1], "truncated"),
+                     ("uncaptioned.jpg", "no-captions")}
+    assert f"'{missing}' is not a file in {second['filepath']}/" in out
+    n = len(first["sentences"])  # the two added sentences are the last two
+    assert f"sentence {n - 2}: " in out and f"sentence {n - 1}: same caption for {broken} as sentence 0" in out
+    skip = read_skip_list(root / "skip_list.json", root=root)
+    assert set(skip.skip) == {broken, missing, extra}
+    # what training reads: the skipped names are the layout's own (filepath/filename)
+    with pytest.warns(UserWarning, match="missing from"):  # the deleted file, which the loader drops by itself
+        data = apply_skip_list(load_flickr8k(root), skip)
+    assert broken not in data.captions and missing not in data.captions
+
+
+def test_the_listing_hash_covers_a_karpathy_file_and_its_image_folders(tmp_path):
+    root = generate(tmp_path / "f30k", 6, seed=5, size=32, layout="flickr30k")
+    before = dataset_listing_hash(root)
+    meta = json.loads((root / "dataset_flickr30k.json").read_text())
+    meta["images"][0]["sentences"][0]["raw"] = "a changed caption"
+    (root / "dataset_flickr30k.json").write_text(json.dumps(meta))
+    after_json = dataset_listing_hash(root)
+    image = next((root / "flickr30k-images").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert len({before, after_json, dataset_listing_hash(root)}) == 3
+    assert check_dataset(root).ok
+
+
+def test_a_broken_karpathy_file_is_unusable_input_naming_the_field(tmp_path, capsys):
+    root = generate(tmp_path / "coco", 4, seed=5, size=32, layout="coco")
+    meta = json.loads((root / "dataset_coco.json").read_text())
+    meta["images"][2]["sentences"][1] = {"tokens": ["no", "raw"]}
+    (root / "dataset_coco.json").write_text(json.dumps(meta))
+    assert datacheck.main([str(root), "--dataset", "coco"]) == 2
+    assert "images[2].sentences[1].raw" in capsys.readouterr().err
