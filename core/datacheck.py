@@ -8,7 +8,7 @@ Karpathy-file layouts (``dataset_flickr30k.json`` + ``flickr30k-images/``, ``dat
 and ``val2014/``, or Flickr8k's images with ``--karpathy-json``; see core.layouts) are checked the same way: every
 image of the folders that hold captioned images, and every caption of the file, whose problems are named
 ``FILE: kind: sentence J: IMAGE ...`` (the file is JSON: there are no line numbers; one it cannot parse is exit 2
-with the field named). images go through the
+with the field named). Images go through the
 training loader's own steps (``core.images``: header checks, full decode with ``LOAD_TRUNCATED_IMAGES`` off,
 EXIF, RGB) in a thread pool, so a truncated file cannot pass as half an image. Threads decode together only
 while their images' pixels add up to at most the pixel limit, so memory stays near that of one image at the
@@ -302,8 +302,13 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
             raise DataCheckError(f"{token}: no captions found (empty file?)")
     else:
         caps, images_dir = _scan_karpathy(root, dataset, kpath)
-    # The folders that hold captioned images (Flickr8k: Images/ itself; COCO: train2014/, val2014/), each listed once.
-    folders = sorted({os.path.dirname(n) for n in caps.first_line} | ({""} if images_dir == root / IMAGES_DIR else set()))
+    # The folders that hold captioned images (Flickr8k: Images/ itself; COCO: train2014/, val2014/), each listed
+    # once; never one outside the image folder that a caption's name points to ("../x.jpg" is a missing image).
+    def inside(folder: str) -> bool:
+        return not os.path.isabs(folder) and ".." not in Path(folder).parts
+
+    named = {os.path.dirname(n) for n in caps.first_line}
+    folders = sorted(f for f in named | {""} if inside(f) and (f or images_dir == root / IMAGES_DIR or "" in named))
     files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_flickr8k sees
     for folder in folders:
         if (images_dir / folder).is_dir():
@@ -321,7 +326,8 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
     skip: dict[str, list[str]] = {}
     for name, lineno in caps.first_line.items():
         if name not in on_disk:
-            folder = os.path.dirname(where[name]) + "/"
+            folder = os.path.dirname(name) if inside(os.path.dirname(name)) else ""
+            folder = os.path.relpath(images_dir / folder, root) + "/"
             problems.append(Problem(caps.file, lineno, "missing-image", f"{name!r} is not a file in {folder}"))
             skip.setdefault(name, []).append(f"missing-image: not a file in {folder}")
 

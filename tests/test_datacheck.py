@@ -395,3 +395,14 @@ def test_a_broken_karpathy_file_is_unusable_input_naming_the_field(tmp_path, cap
     (root / "dataset_coco.json").write_text(json.dumps(meta))
     assert datacheck.main([str(root), "--dataset", "coco"]) == 2
     assert "images[2].sentences[1].raw" in capsys.readouterr().err
+
+
+def test_a_caption_naming_a_path_outside_the_image_folder_lists_nothing_there(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data", n=2)
+    Image.new("RGB", (16, 16)).save(tmp_path / "outside.jpg")  # in the parent of the dataset: never checked
+    with open(root / TOKEN, "a", encoding="utf-8") as f:
+        f.write("../../outside.jpg#0\tan escaping name\n")
+    assert datacheck.main([str(root), "--no-skip-list"]) == 1
+    out = capsys.readouterr().out
+    assert "missing-image: '../../outside.jpg' is not a file in Images/" in out
+    assert "checked 2 images" in out and "no-captions" not in out
