@@ -1,6 +1,7 @@
 """Command-line helpers shared by every command: positive numbers, old flag names kept as hidden aliases.
 
     p.add_argument("--batch-size", type=positive_int, default=16)          # 0, -1, "x": one usage line
+    raise SystemExit(run_main(main))                                         # `| head` ends it quietly (141)
 
     p.add_argument("--split-seed", type=int, default=0, help="...")
     add_deprecated_alias(p, "--seed", "--split-seed", type=int)   # still parses, warns, absent from --help
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 
@@ -51,3 +54,15 @@ def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **
     dest = new.lstrip("-").replace("-", "_")
     parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new_flag=new, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS, **kwargs)
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """``main()`` of a command run as ``python -m``: when the reader of stdout leaves (``... | head``), stop
+    quietly with 141 (128 + SIGPIPE) like other Unix tools instead of a BrokenPipeError traceback."""
+    try:
+        status = main()
+        sys.stdout.flush()  # a pipe's buffered lines go now, inside the guard, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's final flush must not fail too
+        return 141

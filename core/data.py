@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from core.captions import DataFormatError
-from core.cli import add_deprecated_alias
+from core.cli import add_deprecated_alias, run_main
 from core.datacheck import add_check_command
 from core.images import image_transform, load_image
 from core.layouts import DatasetNotFoundError, add_dataset_args, files_present, read_layout
@@ -301,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

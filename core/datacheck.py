@@ -70,6 +70,7 @@ from PIL import Image, ImageFile
 import core.images
 from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatError, not_utf8_message,
                            parse_caption_line, read_lines)
+from core.cli import run_main
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
 from core.layouts import DATASETS, KARPATHY_FILES, DatasetNotFoundError, detect, read_layout
@@ -437,4 +438,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

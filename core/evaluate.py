@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.captions import DataFormatError
+from core.cli import run_main
 from core.cocoeval import CocoEvalUnavailable, CocoScores, coco_caption_scores
 from core.fileio import WriteError, atomic_write_text, read_json
 from core.layouts import DatasetNotFoundError, add_dataset_args
@@ -113,4 +114,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from core import hardware
-from core.cli import add_deprecated_alias, positive_int
+from core.cli import add_deprecated_alias, positive_int, run_main
 from core.fileio import printable
 from core.images import IMAGE_EXTENSIONS, release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
@@ -367,15 +367,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if tally.failed else 0
 
 
-def _main_guarded() -> int:
-    try:
-        return main()
-    except BrokenPipeError:  # `... | head`: the reader left; stop quietly like other Unix tools
-        import os
-
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-
-
 if __name__ == "__main__":
-    raise SystemExit(_main_guarded())
+    raise SystemExit(run_main(main))

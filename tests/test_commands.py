@@ -55,3 +55,18 @@ def test_dataset_flags_are_the_same_in_every_command():
                                        "--test-frac", "0.2"])
     for key in ("data_dir", "dataset", "karpathy_json", "split_seed", "val_frac", "test_frac"):
         assert getattr(info, key) == getattr(ev, key), key
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(tmp_path):
+    """`python -m core.data check DIR | head`: exit 141 like other Unix tools, no BrokenPipeError traceback
+    (core.cli.run_main; the caption command, core.evaluate and core.datacheck run under it too)."""
+    from core.synthetic import generate
+
+    root = generate(tmp_path / "data", 3, seed=1, size=32)
+    proc = subprocess.Popen([sys.executable, "-m", "core.data", "check", str(root), "--no-skip-list"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # the reader is gone before the command writes its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "Exception ignored" not in err, err
