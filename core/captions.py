@@ -20,6 +20,12 @@ from pathlib import Path
 
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGES_DIR = "Images"
+# Karpathy's caption files and the image folders of the other layouts (core.layouts reads them; core.skiplist
+# hashes them)
+KARPATHY_FILES = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json",
+                  "coco": "dataset_coco.json"}
+FLICKR30K_IMAGE_DIRS = ("flickr30k-images", IMAGES_DIR)
+COCO_IMAGE_DIRS = ("train2014", "val2014")
 OFFICIAL_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "val": "Flickr_8k.devImages.txt",

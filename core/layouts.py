@@ -15,15 +15,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.captions import IMAGES_DIR, TOKEN_FILE, parse_token_file
+from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
+                           parse_token_file)
 from core.skiplist import is_regular_entry
 from core.splits import Splits, read_karpathy
 
 DATASETS = ("flickr8k", "flickr30k", "coco")
-KARPATHY_FILES = {"flickr8k": "dataset_flickr8k.json", "flickr30k": "dataset_flickr30k.json",
-                  "coco": "dataset_coco.json"}
-FLICKR30K_IMAGE_DIRS = ("flickr30k-images", IMAGES_DIR)
-COCO_IMAGE_DIRS = ("train2014", "val2014")
 EXPECTED = {
     "flickr8k": "  {root}/Images/*.jpg\n  {root}/Flickr8k.token.txt   (lines 'IMAGE.jpg#N<TAB>caption'; or "
                 "--karpathy-json dataset_flickr8k.json)\n"

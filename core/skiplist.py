@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.captions import IMAGES_DIR, TOKEN_FILE
+from core.captions import COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE
 
 SKIP_LIST_NAME = "skip_list.json"
 SKIP_LIST_FORMAT = "sat-captioning skip list"
@@ -40,8 +40,6 @@ def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
     contents: a copy of the dataset on another node has the same hash, and hashing 8,000 images costs one
     directory listing. Hidden files (.DS_Store, ._x.jpg) that copy tools add or drop do not count.
     """
-    from core.layouts import COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, KARPATHY_FILES  # (it imports this module)
-
     root = Path(root)
     h = hashlib.sha256()
     for name in (TOKEN_FILE, *KARPATHY_FILES.values()):
