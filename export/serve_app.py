@@ -48,7 +48,7 @@ class ServeConfig:
     port: int = 8000  # 0: any free port (the log line says which)
     beam_size: int = 3
     max_decode_len: int | None = None  # None: the model's recorded one
-    threads: int | None = None  # inference threads (ORT intra-op / torch); None: the cores less one
+    threads: int | None = None  # inference threads (ORT intra-op / torch); None: every core
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | int8 | bf16, as the caption command (export.runtime.load_backend)
     max_batch: int = 16
