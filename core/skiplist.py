@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.captions import COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE
+from core.fileio import sha256_file
 
 SKIP_LIST_NAME = "skip_list.json"
 SKIP_LIST_FORMAT = "sat-captioning skip list"
@@ -44,11 +45,7 @@ def dataset_listing_hash(root: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     for name in (TOKEN_FILE, *KARPATHY_FILES.values()):
         if (root / name).is_file():
-            th = hashlib.sha256()
-            with open(root / name, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    th.update(chunk)
-            h.update(f"{name}\t{th.hexdigest()}\n".encode())
+            h.update(f"{name}\t{sha256_file(root / name)}\n".encode())
     for folder in dict.fromkeys((IMAGES_DIR, *FLICKR30K_IMAGE_DIRS, *COCO_IMAGE_DIRS)):  # ordered, no repeats
         if (root / folder).is_dir():
             entries = sorted((e.name, e.stat().st_size) for e in os.scandir(root / folder)
