@@ -73,7 +73,7 @@ from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatErro
 from core.cli import run_main
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
-from core.layouts import DATASETS, KARPATHY_FILES, DatasetNotFoundError, detect, read_layout
+from core.layouts import KARPATHY_FILES, DatasetNotFoundError, add_dataset_args, detect, read_layout
 from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
                             is_regular_entry)
 
@@ -380,10 +380,7 @@ _EPILOG = "Rules" + __doc__.split("Rules", 1)[1]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("data_dir", type=Path, help="dataset root (layouts: python -m core.layouts, or the README)")
-    p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
-                   help="the dataset's layout; auto: from the files present (default)")
-    p.add_argument("--karpathy-json", type=Path, default=None, help="take the captions from this Karpathy file")
+    add_dataset_args(p, splits=False)  # DATA_DIR, --dataset, --karpathy-json as in every command
     p.add_argument("--skip-list", type=Path, default=None,
                    help=f"where to write the skip list (default DATA_DIR/{SKIP_LIST_NAME})")
     p.add_argument("--no-skip-list", action="store_true", help="only report, write no skip list")

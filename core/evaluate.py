@@ -81,12 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> CocoScores:
-    from core.data import load_flickr8k  # (imports torch: only when a dataset is read)
+    from core.data import load_from_args  # (imports torch: only when a dataset is read)
 
     t0 = time.perf_counter()
     results = read_results(args.results)  # a bad results file fails before the dataset is read
-    data = load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed, val_frac=args.val_frac,
-                         test_frac=args.test_frac, dataset=args.dataset)
+    data = load_from_args(args)
     names = data.splits[args.split]
     captions = match_results(results, names, data.ids, args.results, args.split)
     if len(captions) < len(names):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
                            parse_token_file)
+from core.cli import add_deprecated_alias
 from core.skiplist import is_regular_entry
 from core.splits import Splits, read_karpathy
 
@@ -148,14 +149,12 @@ def files_present(images_dir: Path, names: list[str]) -> set[str]:
     return present
 
 
-def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None) -> None:
-    """The flags that name a dataset, its layout and its split, the same in every command (torch-free).
+def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None, splits: bool = True) -> None:
+    """The flags that name a dataset, its layout and (``splits``) its split, the same in every command (torch-free).
 
     The directory is the positional DATA_DIR, or the required option ``data_flag`` (e.g. ``"--data"``); either
     way it lands in ``args.data_dir``. ``core.data.load_from_args`` loads what they name.
     """
-    from core.cli import add_deprecated_alias
-
     where = "dataset root (layouts: python -m core.layouts, or the README)"
     if data_flag:
         p.add_argument(data_flag, dest="data_dir", type=Path, required=True, help=where)
@@ -164,6 +163,8 @@ def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None) -
     p.add_argument("--dataset", choices=("auto", *DATASETS), default="auto",
                    help="the dataset's layout; auto: from the files present (default)")
     p.add_argument("--karpathy-json", type=Path, default=None, help="take captions and splits from this file")
+    if not splits:
+        return
     p.add_argument("--split-seed", type=int, default=0, help="seed of the random split, as in training (default 0)")
     add_deprecated_alias(p, "--seed", "--split-seed", type=int)
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
