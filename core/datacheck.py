@@ -73,7 +73,8 @@ from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatErro
 from core.cli import run_main
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
-from core.layouts import KARPATHY_FILES, DatasetNotFoundError, add_dataset_args, detect, read_layout
+from core.layouts import (KARPATHY_FILES, DatasetNotFoundError, add_dataset_args, detect, read_layout,
+                          reads_token_file)
 from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
                             is_regular_entry)
 
@@ -241,16 +242,13 @@ def _scan_karpathy(root: Path, dataset: str, karpathy_json: Path | None) -> tupl
 
 
 def _token_layout(root: Path, dataset: str, karpathy_json: Path | None) -> bool:
-    """Whether ``root`` is read as Images/ + Flickr8k.token.txt (else: a Karpathy file's layout)."""
-    if karpathy_json is not None:
-        return False
+    """Whether ``root`` is read as Images/ + Flickr8k.token.txt (else: a Karpathy file's layout), as training reads it."""
     if dataset == "auto":
         try:
-            dataset = detect(root)
+            dataset = detect(root, karpathy_json)
         except DatasetNotFoundError:
             return True  # nothing recognizable: the Flickr8k checks name what is missing
-    # Flickr8k without its token file but with Karpathy's dataset_flickr8k.json is read from the JSON, as training does
-    return dataset == "flickr8k" and ((root / TOKEN_FILE).is_file() or not (root / KARPATHY_FILES["flickr8k"]).is_file())
+    return dataset == "flickr8k" and reads_token_file(root, karpathy_json)
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,19 +301,22 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
             raise DataCheckError(f"{token}: no captions found (empty file?)")
     else:
         caps, images_dir = _scan_karpathy(root, dataset, kpath)
-    # The folders that hold captioned images (Flickr8k: Images/ itself; COCO: train2014/, val2014/), each listed
-    # once; never one outside the image folder that a caption's name points to ("../x.jpg" is a missing image).
+    # The folders that hold captioned images, each listed once: the image folder itself (Images/,
+    # flickr30k-images/; not COCO's, which is the dataset root) and the sub-folders the captions name (train2014/,
+    # val2014/), never one outside the image folder ("../x.jpg" is a missing image).
     def inside(folder: str) -> bool:
         return not os.path.isabs(folder) and ".." not in Path(folder).parts
 
-    named = {os.path.dirname(n) for n in caps.first_line}
-    folders = sorted(f for f in named | {""} if inside(f) and (f or images_dir == root / IMAGES_DIR or "" in named))
+    def shown(name: str) -> str:  # a path in the messages, relative to the dataset root
+        return os.path.relpath(images_dir / name, root)
+
+    named = {os.path.dirname(n) for n in caps.first_line} | ({""} if images_dir != root else set())
+    folders = sorted(f for f in named if inside(f))
     files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_flickr8k sees
     for folder in folders:
         if (images_dir / folder).is_dir():
             f, d, i = _image_files(images_dir, folder)
             files, on_disk, ignored = files | f, on_disk | d, ignored + i
-    where = {n: os.path.relpath(images_dir / n, root) for n in files | set(caps.first_line)}  # paths in messages
     # Referenced by a caption but hidden or with another extension: still an image of the dataset.
     for name in caps.first_line:
         if name in on_disk and name not in files:
@@ -327,14 +328,13 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
     skip: dict[str, list[str]] = {}
     for name, lineno in caps.first_line.items():
         if name not in on_disk:
-            folder = os.path.dirname(name) if inside(os.path.dirname(name)) else ""
-            folder = os.path.relpath(images_dir / folder, root) + "/"
+            folder = shown(os.path.dirname(name) if inside(os.path.dirname(name)) else "") + "/"
             problems.append(Problem(caps.file, lineno, "missing-image", f"{name!r} is not a file in {folder}"))
             skip.setdefault(name, []).append(f"missing-image: not a file in {folder}")
 
     results = _check_images(images_dir, names, limits, workers or _default_workers())
     for name, result in zip(names, results):
-        rel = where[name]
+        rel = shown(name)
         if result is not None:
             kind, message = result
             problems.append(Problem(rel, None, kind, message))
@@ -344,12 +344,12 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
             skip.setdefault(name, []).append("no-captions")
 
     problems.sort(key=lambda p: (p.path, p.line or 0, p.kind))
-    shown = ", ".join(os.path.relpath(images_dir / f, root) + "/" for f in folders) or f"{IMAGES_DIR}/"
+    listed = ", ".join(shown(f) + "/" for f in folders) or f"{IMAGES_DIR}/"
     return CheckReport(root=root, problems=problems, skip=sorted(skip),
                        skip_reasons={n: "; ".join(skip[n]) for n in sorted(skip)},
                        bad_lines=sorted(caps.bad_lines), listing_hash=dataset_listing_hash(root),
                        num_images=len(names), num_caption_lines=caps.lines, num_ignored=ignored,
-                       image_folders=shown)
+                       image_folders=listed)
 
 
 # --------------------------------------------------------------------------------------------

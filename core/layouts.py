@@ -86,12 +86,18 @@ def detect(root: Path, karpathy_json: Path | None = None) -> str:
                              f"choose one with --dataset", dataset=found[0])
 
 
+def reads_token_file(root: Path, karpathy_json: Path | None) -> bool:
+    """Whether the Flickr8k layout of ``root`` is read from Flickr8k.token.txt (else from a Karpathy file:
+    ``karpathy_json``, or dataset_flickr8k.json where the token file is absent)."""
+    return karpathy_json is None and ((root / TOKEN_FILE).is_file() or not (root / KARPATHY_FILES["flickr8k"]).is_file())
+
+
 def _flickr8k(root: Path, karpathy_json: Path | None) -> Layout:
     images_dir = root / IMAGES_DIR
     if not images_dir.is_dir():
         raise layout_error(root, f"no {IMAGES_DIR}/ folder in {root}", "flickr8k")
     token = root / TOKEN_FILE
-    if karpathy_json is not None or not token.is_file() and (root / KARPATHY_FILES["flickr8k"]).is_file():
+    if not reads_token_file(root, karpathy_json):
         k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr8k"), use_filepath=False)
         return Layout("flickr8k", images_dir, k.captions, k.splits, k.ids)
     if not token.is_file():
