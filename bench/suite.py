@@ -254,13 +254,7 @@ class Suite:
             return self._synced(lambda: reference_caption(self.model, images, cfg.beam_size, cfg.max_len,
                                                           v.start_id, v.end_id, stats))
         b = self.backend(backend)
-
-        def caption():
-            with torch_threads(b.search_threads):  # as export.captioner.Captioner runs it
-                return beam_search(b.encode(images), b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
-                                   early_stop=False)
-
-        return self._synced(caption)
+        return self._searched(b, lambda: b.encode(images))
 
     def beam_fn(self, backend: str, n: int) -> Callable[[], list[Hypothesis]]:
         """Beam search alone, encoder outputs given (eager fp32's, the same for every backend)."""
@@ -272,15 +266,20 @@ class Suite:
             stats = self.reference_work.setdefault(f"beam:{n}", {})
             return self._synced(lambda: reference_beam_search(self.model, feats, cfg.beam_size, cfg.max_len,
                                                               v.start_id, v.end_id, stats))
-        b = self.backend(backend)
         encoded = self.encoded(n)
+        return self._searched(self.backend(backend), lambda: encoded)
 
-        def search():
+    def _searched(self, b, encode: Callable[[], Encoded]) -> Callable[[], list[Hypothesis]]:
+        """``encode()`` then beam search over ``b`` with a fixed number of steps, torch's threads as
+        export.captioner.Captioner sets them for this backend."""
+        cfg, v = self.cfg, self.vocab
+
+        def run():
             with torch_threads(b.search_threads):
-                return beam_search(encoded, b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
+                return beam_search(encode(), b.step, cfg.beam_size, cfg.max_len, v.start_id, v.end_id,
                                    early_stop=False)
 
-        return self._synced(search)
+        return self._synced(run)
 
     def step_fn(self, backend: str, n: int) -> Callable[[], Any]:
         inputs = self.step_inputs(n)
