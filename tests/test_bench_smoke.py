@@ -65,9 +65,12 @@ def test_quick_benchmark_report(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_keeps_its_results_and_renders(tmp_path):
-    """SIGKILL the whole run once two benchmarks are on disk: they stay, and the report renders from them."""
+    """SIGKILL the whole run once two benchmarks are on disk: they stay, and the report renders from them.
+
+    Two groups and a tight poll: the quick step group alone wrote its last ten records within 0.2 s of the second,
+    so the run could end before the kill (one failure seen)."""
     out = tmp_path / "results"
-    proc = subprocess.Popen(REPORT + ["--quick", "--cpu-only", "--groups", "step", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.Popen(REPORT + ["--quick", "--cpu-only", "--groups", "step,caption", "--out", str(out)], cwd=ROOT,
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -75,7 +78,7 @@ def test_killed_run_keeps_its_results_and_renders(tmp_path):
             path = results.newest(out)
             if path and sum(r["type"] == "benchmark" for r in _records(path)) >= 2:
                 break
-            time.sleep(0.2)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # report.py and its pytest child, mid-run
         proc.wait()
