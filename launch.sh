@@ -88,7 +88,7 @@ demo() {
                b - a, c - b, d - c, e - d, e - a }' >&2
     "$PY" - "$dir/run/test_metrics.json" <<'EOF' >&2
 import json, sys
-from distributed.report import fmt_coco
+from distributed.run_outputs import fmt_coco
 m = json.load(open(sys.argv[1]))
 print(f"[demo] held-out test ({m['images']} images, beam {m['beam_size']}, {m['weights']}): BLEU-4 {m['bleu4']:.3f}, "
       f"CIDEr-D {m['cider']:.3f} (fast metrics); {m['steps']} steps, {m['train_seconds']:.0f}s of training")

@@ -28,9 +28,9 @@ PATHS = ("ort_int8", "ort_int8enc", "ort_int8full", "bf16", "auto")
 
 
 def held_out(data_dir: Path, split: str, limit: int, image_size: int):
-    from core.data import load_flickr8k
+    from core.data import load_dataset
 
-    data = load_flickr8k(data_dir)
+    data = load_dataset(data_dir)
     names = data.splits[split][:limit]
     return data.eval_images(names, image_size), data.tokenized_references(names)
 

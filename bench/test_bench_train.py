@@ -19,7 +19,7 @@ import contextlib
 import pytest
 import torch
 
-from core.data import load_flickr8k
+from core.data import load_dataset
 from core.model import CaptionModel, ModelConfig, caption_loss
 from distributed.env import DistEnv
 from distributed.loaders import dali_available, make_train_loader
@@ -35,7 +35,7 @@ def bench_data(tmp_path_factory):
     from core.synthetic import generate
 
     root = generate(tmp_path_factory.mktemp("bench") / "data", IMAGES, seed=0, size=128)
-    data = load_flickr8k(root, val_frac=0.0, test_frac=0.0)
+    data = load_dataset(root, val_frac=0.0, test_frac=0.0)
     return data, data.build_vocab(min_freq=1)
 
 

@@ -1,13 +1,11 @@
-"""Command-line helpers shared by every command: positive numbers, old flag names kept as hidden aliases.
+"""Command-line helpers shared by every command: positive numbers, dataclass fields that become flags.
 
     p.add_argument("--batch-size", type=positive_int, default=16)          # 0, -1, "x": one usage line
     raise SystemExit(run_main(main))                                         # `| head` ends it quietly (141)
-
-    p.add_argument("--split-seed", type=int, default=0, help="...")
-    add_deprecated_alias(p, "--seed", "--split-seed", type=int)   # still parses, warns, absent from --help
+    image_size: int = flag_field(224, "input side in pixels")               # a config field with its --help text
 
 One concept has one flag name in every command (``--split-seed``, ``--min-word-freq``, ``--beam-size``,
-``--max-decode-len``); the names that scripts may still pass keep working through these aliases.
+``--max-decode-len``).
 """
 
 from __future__ import annotations
@@ -16,7 +14,8 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import field
 from typing import Any
 
 
@@ -39,21 +38,9 @@ def positive_float(text: str) -> float:
     return _positive(float, text)
 
 
-class _DeprecatedAlias(argparse.Action):
-    def __init__(self, option_strings, dest, new_flag: str, **kwargs: Any) -> None:
-        self.new_flag = new_flag
-        super().__init__(option_strings, dest, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        print(f"warning: {option_string} is deprecated, use {self.new_flag}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
-
-
-def add_deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
-    """``old`` sets the destination of the flag ``new`` (already added), with a warning; hidden from --help."""
-    dest = new.lstrip("-").replace("-", "_")
-    parser.add_argument(old, dest=dest, action=_DeprecatedAlias, new_flag=new, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS, **kwargs)
+def flag_field(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
+    """A dataclass field whose flag (``distributed.config.add_dataclass_args``) has this help text and choices."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 def run_main(main: Callable[[], int]) -> int:

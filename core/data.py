@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from core.captions import DataFormatError
-from core.cli import add_deprecated_alias, run_main
+from core.cli import run_main
 from core.datacheck import add_check_command
 from core.images import image_transform, load_image
 from core.layouts import DatasetNotFoundError, add_dataset_args, files_present, read_layout
@@ -41,7 +41,7 @@ from core.vocab import Vocabulary, tokenize
 # The dataset
 # --------------------------------------------------------------------------------------------
 @dataclass
-class Flickr8k:
+class CaptionDataset:
     """Captions and splits of a dataset directory. Only images present in ``images_dir`` are kept."""
 
     root: Path
@@ -76,8 +76,8 @@ class Flickr8k:
         return [[tokenize(c) for c in self.captions[n]] for n in names]
 
 
-def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[str] | None = None,
-                  seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, dataset: str = "auto") -> Flickr8k:
+def load_dataset(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[str] | None = None,
+                 seed: int = 0, val_frac: float = 0.1, test_frac: float = 0.1, dataset: str = "auto") -> CaptionDataset:
     """Load captions and splits of the dataset in ``root`` (Flickr8k, Flickr30k or COCO: see core.layouts).
 
     No image is opened. Captions whose image file is missing are dropped with a warning (the real
@@ -98,10 +98,10 @@ def load_flickr8k(root: str | os.PathLike[str], karpathy_json: str | os.PathLike
         splits = make_splits(captions, root, seed=seed, val_frac=val_frac, test_frac=test_frac)
     else:
         splits = Splits(*([n for n in splits[s] if n in captions] for s in SPLIT_NAMES))
-    return Flickr8k(Path(root), layout.images_dir, captions, splits, missing, layout.dataset, layout.ids)
+    return CaptionDataset(Path(root), layout.images_dir, captions, splits, missing, layout.dataset, layout.ids)
 
 
-def apply_skip_list(data: Flickr8k, skip: SkipList | Iterable[str]) -> Flickr8k:
+def apply_skip_list(data: CaptionDataset, skip: SkipList | Iterable[str]) -> CaptionDataset:
     """``data`` without the skipped images (from ``python -m core.data check``), splits otherwise unchanged.
 
     Filtering after splitting keeps every other image in its split, and the result depends only on the
@@ -251,9 +251,9 @@ class EvalDataset(_ImageDataset):
 # --------------------------------------------------------------------------------------------
 # CLI: subcommands register themselves in build_parser(); add yours with a `add_<name>_command`.
 # --------------------------------------------------------------------------------------------
-def load_from_args(args: argparse.Namespace) -> Flickr8k:
-    """:func:`load_flickr8k` from the arguments added by ``add_dataset_args``."""
-    return load_flickr8k(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed,
+def load_from_args(args: argparse.Namespace) -> CaptionDataset:
+    """:func:`load_dataset` from the arguments added by ``add_dataset_args``."""
+    return load_dataset(args.data_dir, karpathy_json=args.karpathy_json, seed=args.split_seed,
                          val_frac=args.val_frac, test_frac=args.test_frac, dataset=getattr(args, "dataset", "auto"))
 
 
@@ -279,12 +279,12 @@ def add_info_command(sub: Any) -> None:
     add_dataset_args(p)
     p.add_argument("--min-word-freq", type=int, default=5,
                    help="words seen fewer times in the train captions become <unk>, as in training (default 5)")
-    add_deprecated_alias(p, "--min-freq", "--min-word-freq", type=int)
     p.set_defaults(func=cmd_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m core.data", description="Inspect a Flickr8k-layout dataset.")
+    parser = argparse.ArgumentParser(prog="python -m core.data",
+                                     description="Inspect a captioning dataset (Flickr8k, Flickr30k or COCO layout).")
     sub = parser.add_subparsers(dest="command", required=True)
     add_info_command(sub)
     add_check_command(sub)

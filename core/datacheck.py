@@ -312,7 +312,7 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
 
     named = {os.path.dirname(n) for n in caps.first_line} | ({""} if images_dir != root else set())
     folders = sorted(f for f in named if inside(f))
-    files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_flickr8k sees
+    files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_dataset sees
     for folder in folders:
         if (images_dir / folder).is_dir():
             f, d, i = _image_files(images_dir, folder)

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
                            parse_token_file)
-from core.cli import add_deprecated_alias
 from core.skiplist import is_regular_entry
 from core.splits import Splits, read_karpathy
 
@@ -172,6 +171,5 @@ def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None, s
     if not splits:
         return
     p.add_argument("--split-seed", type=int, default=0, help="seed of the random split, as in training (default 0)")
-    add_deprecated_alias(p, "--seed", "--split-seed", type=int)
     p.add_argument("--val-frac", type=float, default=0.1, help="fraction of images in val (random split)")
     p.add_argument("--test-frac", type=float, default=0.1, help="fraction of images in test (random split)")

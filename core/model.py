@@ -18,7 +18,7 @@ image in ``encode``, and the k rows of one image attend over that image's featur
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+from core.cli import flag_field as _f
 from core.decode import Encoded
 from core.fileio import load_weights_only
 from core.weights import PretrainedWeightsError, imagenet_state_dict
@@ -34,10 +35,6 @@ from core.weights import PretrainedWeightsError, imagenet_state_dict
 # Channels of the last conv block: the bottleneck ResNets end in 2048, the basic-block ones in 512.
 BACKBONE_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 ENERGY_BLOCK = 14336  # attention energies per block of regions: regions x attention_dim (28 x 512)
-
-
-def _f(default, help: str, **extra) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass

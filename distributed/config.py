@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from core.cli import flag_field as _f
 from core.logs import add_verbosity_args
 from core.model import ModelConfig
-
-
-def _f(default: Any, help: str, choices: Sequence[str] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -146,11 +143,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """The inverse of ``to_dict`` (``config.json``, a checkpoint's ``train_config``). Also reads the flat layout
-        of runs saved before the model's fields were nested; ``resolved`` values are ignored."""
+        """The inverse of ``to_dict`` (``config.json``, a checkpoint's ``train_config``); ``resolved`` values are
+        ignored."""
         d = {k: v for k, v in d.items() if k != "resolved"}
-        model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
-        model = {**{k: d.pop(k) for k in list(d) if k in model_keys}, **d.pop("model", {})}
+        model = d.pop("model", {})
         unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown train config keys {unknown}")

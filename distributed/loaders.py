@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from core.data import CaptionTable, EvalDataset, Flickr8k, TrainDataset, apply_skip_list, load_flickr8k
+from core.data import CaptionDataset, CaptionTable, EvalDataset, TrainDataset, apply_skip_list, load_dataset
 from core.hardware import cpu_cores
 from core.images import image_transform
 from core.skiplist import SKIP_LIST_NAME, read_skip_list
@@ -96,7 +96,7 @@ def _to_device(x: Tensor, device: torch.device) -> Tensor:
 class TrainLoader:
     """``epoch(e, start_batch)`` -> iterator of :class:`Batch`; ``num_batches`` per epoch (same on every rank)."""
 
-    def __init__(self, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
+    def __init__(self, data: CaptionDataset, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
                  seed: int, workers: int, hflip: bool = False, split: str = "train", random_crop: bool = True,
                  channels_last: bool = False, captions_per_image: int = 1) -> None:
         self.names = data.splits[split]
@@ -186,7 +186,7 @@ class DaliTrainLoader(TrainLoader):
 class EvalLoader:
     """This rank's share of a split's images, each once: iterate for :class:`Batch` es (captions: slot of epoch 0)."""
 
-    def __init__(self, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
+    def __init__(self, data: CaptionDataset, table: CaptionTable, image_size: int, batch_size: int, env: DistEnv,
                  kind: str, workers: int, split: str = "val", max_images: int = 0) -> None:
         names = data.splits[split]
         self.n = min(len(names), max_images) if max_images > 0 else len(names)
@@ -253,7 +253,7 @@ class EvalLoader:
         self._torch = None
 
 
-def make_train_loader(kind: str, data: Flickr8k, table: CaptionTable, image_size: int, batch_size: int,
+def make_train_loader(kind: str, data: CaptionDataset, table: CaptionTable, image_size: int, batch_size: int,
                       env: DistEnv, seed: int, workers: int, hflip: bool = False, random_crop: bool = True,
                       channels_last: bool = False, captions_per_image: int = 1) -> TrainLoader:
     """``random_crop=False`` trains on the eval transform (resize only); ``channels_last`` converts the images."""
@@ -293,7 +293,7 @@ class Loaders:
         self.val.close()
 
 
-def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: DistEnv) -> Loaders:
+def build_loaders(cfg: TrainConfig, data: CaptionDataset, vocab: Vocabulary, env: DistEnv) -> Loaders:
     kind = resolve_loader(cfg.loader)
     workers = default_workers(kind, env, cfg.workers, cfg.deterministic)
     train_table = data.caption_table("train", vocab, max_len=cfg.max_caption_len)
@@ -308,12 +308,12 @@ def build_loaders(cfg: TrainConfig, data: Flickr8k, vocab: Vocabulary, env: Dist
     return Loaders(train=train, val=val, val_table=val_table, bn=bn, kind=kind, workers=workers)
 
 
-def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[Flickr8k, Vocabulary]:
+def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[CaptionDataset, Vocabulary]:
     """The dataset (skip list applied) and its vocabulary; what the loader skips by itself (caption lines that
     are duplicates or have no words, captioned images missing from the folder) is counted in the log."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_flickr8k(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
+        data = load_dataset(cfg.data, karpathy_json=cfg.karpathy_json, seed=cfg.split_seed, val_frac=cfg.val_frac,
                              test_frac=cfg.test_frac, dataset=cfg.dataset)
     for w in caught:
         if env is not None:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from core import hardware
 from core.checkpoint import CheckpointError, load_checkpoint, load_model_weights, make_checkpoint
-from core.data import DataFormatError, DatasetNotFoundError, Flickr8k
+from core.data import CaptionDataset, DataFormatError, DatasetNotFoundError
 from core.fileio import WriteError, atomic_write_text
 from core.images import ImageLoadError
 from core.logs import setup_logging, verbosity_from
@@ -47,10 +47,10 @@ from distributed.checkpoint import (Checkpointer, check_compatible, init_weights
 from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
     setup_distributed, warn0
-from distributed.evaluate import coco_results, coco_test_metrics, evaluate, validate
+from distributed.eval_loop import coco_results, coco_test_metrics, evaluate, validate
 from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
 from distributed.optim import build_optimizer, build_scheduler, clip_gradients
-from distributed.report import fmt_coco, fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
+from distributed.run_outputs import fmt_coco, fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
 
 
 class TrainingError(RuntimeError):
@@ -330,7 +330,7 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     return result
 
 
-def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg: TrainConfig, env: DistEnv,
+def final_evaluation(model: CaptionModel, data: CaptionDataset, vocab: Vocabulary, cfg: TrainConfig, env: DistEnv,
                      autocast, loaders: Loaders, state: TrainState) -> dict[str, Any]:
     """Test metrics of best.pt (beam --test-beam-size), the learning curve and captioned val examples."""
     out = Path(cfg.out)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from core import hardware
-from core.cli import add_deprecated_alias, positive_int, run_main
+from core.cli import positive_int, run_main
 from core.fileio import printable
 from core.images import IMAGE_EXTENSIONS, release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
@@ -57,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=positive_int, default=5, help="beam size; 1 is greedy (default 5)")
     p.add_argument("--max-decode-len", type=positive_int, default=None,
                    help="longest generated caption in words (default: the model's recorded one, else 20)")
-    add_deprecated_alias(p, "--beam", "--beam-size", type=positive_int)
-    add_deprecated_alias(p, "--max-len", "--max-decode-len", type=positive_int)
     p.add_argument("--length-norm", type=float, default=0.0, help="rank by score / length**a (default 0: raw sum)")
     p.add_argument("--search", choices=["default", "tutorial"], default="default",
                    help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
@@ -69,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], default="auto",
                    help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32; "
                         "int8: int8 encoder + step (export --quantize int8); bf16: eager bf16 encoder + fp32 step")
-    p.add_argument("--int8", dest="old_int8", action="store_true", help=argparse.SUPPRESS)  # deprecated alias
     p.add_argument("--fp16", action="store_true", help="ort on CUDA: use the fp16 graphs (export --fp16)")
     p.add_argument("--json", action="store_true", help="JSON lines {file, caption, score} instead of path<TAB>caption")
     p.add_argument("--save-dir", type=Path, default=None, help="write captioned images and attention figures here")
@@ -128,13 +125,13 @@ def read_file_list(path: Path) -> list[str]:
 
 def dataset_inputs(data_dir: Path, split: str, limit: int | None) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
     """{image path: tokenized reference captions} for the first ``limit`` images of a split, {path: image name}."""
-    from core.data import load_flickr8k
+    from core.data import load_dataset
     from core.splits import SPLIT_NAMES
     from core.vocab import tokenize
 
     if split not in SPLIT_NAMES:
         raise InputError(f"{data_dir} has no split {split}; choose from {', '.join(SPLIT_NAMES)}")
-    data = load_flickr8k(data_dir)
+    data = load_dataset(data_dir)
     names = data.splits[split][:limit]
     return ({str(data.image_path(n)): [tokenize(c) for c in data.captions[n]] for n in names},
             {str(data.image_path(n)): n for n in names})
@@ -179,9 +176,6 @@ def load_captioner(args: argparse.Namespace):
     from export.runtime import Captioner, load_backend
 
     device = None if args.device == "auto" else args.device
-    if args.old_int8:
-        print("warning: --int8 is deprecated, use --precision int8", file=sys.stderr)
-        args.precision = "int8"
     backend = load_backend(args.backend, args.model, threads=args.threads, fp16=args.fp16, device=device,
                            verify=not args.no_verify, precision="fp32" if args.fp16 else args.precision,
                            expect_sha256=args.expect_sha256)

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runtime (default ort)")
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--beam-size", "--beam", type=positive_int, default=d.beam_size, help="beam size (default 3)")
+    p.add_argument("--beam-size", type=positive_int, default=d.beam_size, help="beam size (default 3)")
     p.add_argument("--max-decode-len", type=positive_int, default=None, help="longest caption (default: the model's)")
     p.add_argument("--threads", type=positive_int, default=d.threads,
                    help="inference threads (default: every core this process may use)")

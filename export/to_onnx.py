@@ -45,7 +45,6 @@ import torch
 from torch import Tensor
 
 from core import hardware
-from core.cli import add_deprecated_alias
 from core.logs import add_verbosity_args, setup_logging
 from core.model import CaptionModel
 from core.vocab import Vocabulary
@@ -264,7 +263,7 @@ def _split_images(data, split: str, image_size: int, limit: int):
 def calibration_data(requested: Path | None, state: dict[str, Any]) -> tuple[Any, str] | None:
     """The dataset (split as in training) for int8 calibration and the held-out check: --calib-data, else the
     checkpoint's own training data when it is on disk; None when neither is there."""
-    from core.data import load_flickr8k
+    from core.data import load_dataset
 
     train = state.get("train_config") or {}
     data_dir = requested or (Path(train["data"]) if train.get("data") else None)
@@ -277,7 +276,7 @@ def calibration_data(requested: Path | None, state: dict[str, Any]) -> tuple[Any
         split_args["dataset"] = train["dataset"]  # the layout training read (--calib-data is detected)
     why = "--calib-data" if requested else "the checkpoint's training data"
     log.info("calibration and check images from %s (%s)", data_dir, why)
-    return load_flickr8k(data_dir, train.get("karpathy_json"), **split_args), f"{data_dir} ({why})"
+    return load_dataset(data_dir, train.get("karpathy_json"), **split_args), f"{data_dir} ({why})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,8 +297,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-decode-len", type=int, default=None,
                    help=f"caption length recorded in the manifest (default: the checkpoint's, else {fmt.DEFAULT_MAX_LEN})")
     p.add_argument("--beam-size", type=int, default=5, help="default beam size recorded (and used for int8 agreement)")
-    add_deprecated_alias(p, "--beam", "--beam-size", type=int)
-    add_deprecated_alias(p, "--max-len", "--max-decode-len", type=int)
     p.add_argument("--calib-data", type=Path, default=None,
                    help="Flickr8k-layout dataset: its train split calibrates the int8 encoder, --split is the held-out "
                         "check (default: the checkpoint's training data, when it is on disk)")

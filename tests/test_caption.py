@@ -131,17 +131,21 @@ def test_an_unknown_split_is_one_line_without_quotes(art, capsys):
 def test_cli_model_errors_exit_2_with_a_clear_message(art, tmp_path, capsys):
     rc = caption.main([str(art.image_paths[0]), "--model", str(tmp_path / "nothing")])
     assert rc == 2 and "export directory not found" in capsys.readouterr().err
-    rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--backend", "eager", "--int8"])
+    rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--backend", "eager",
+                       "--precision", "int8"])
     assert rc == 2 and "ONNX only" in capsys.readouterr().err
     rc = caption.main(["--model", str(art.export_dir)])
     assert rc == 2 and "nothing to caption" in capsys.readouterr().err
 
 
-def test_one_flag_name_per_concept_with_the_old_names_still_accepted(capsys):
+def test_one_flag_name_per_concept(capsys):
     from export.to_onnx import build_parser as export_parser
 
-    args = caption.build_parser().parse_args(["a.jpg", "--beam", "4", "--max-len", "9", "--checkpoint", "m.pt"])
+    args = caption.build_parser().parse_args(["a.jpg", "--beam-size", "4", "--max-decode-len", "9", "--checkpoint", "m.pt"])
     assert (args.beam_size, args.max_decode_len, str(args.model)) == (4, 9, "m.pt")
-    assert "--beam is deprecated, use --beam-size" in capsys.readouterr().err
+    for old in (["--max-len", "9"], ["--int8"]):  # names before 0.2, gone (CHANGELOG.md)
+        with pytest.raises(SystemExit):
+            caption.build_parser().parse_args(["a.jpg", *old])
+        assert "unrecognized arguments" in capsys.readouterr().err
     args = export_parser().parse_args(["--model", "m.pt", "--beam-size", "2", "--max-decode-len", "7"])
     assert (str(args.checkpoint), args.beam_size, args.max_decode_len) == ("m.pt", 2, 7)

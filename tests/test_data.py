@@ -12,7 +12,7 @@ from PIL import Image
 
 from core.captions import DataFormatError, parse_token_file
 from core.data import CaptionTable, DatasetNotFoundError, EvalDataset, TrainDataset, caption_choice, \
-    load_flickr8k
+    load_dataset
 from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, image_transform, load_image, train_resize_size
 from core.splits import Splits, load_karpathy_json, make_splits, random_splits
 from core.synthetic import generate
@@ -180,19 +180,19 @@ def test_load_flickr8k_with_karpathy_json(synth, tmp_path) -> None:
     path = tmp_path / "k.json"
     path.write_text(json.dumps({"images": images}))
     with pytest.warns(UserWarning, match="missing"):
-        data = load_flickr8k(synth, karpathy_json=path)
+        data = load_dataset(synth, karpathy_json=path)
     assert data.splits.sizes() == {"train": 18, "val": 2, "test": 0}
     assert data.missing_images == ["gone.jpg"]
 
 
 # ------------------------------------------------------------------------------ dataset dir
 def test_load_flickr8k(synth) -> None:
-    data = load_flickr8k(synth, seed=0)
+    data = load_dataset(synth, seed=0)
     assert data.images_dir == synth / "Images"
     assert len(data.captions) == 20 and data.num_captions == 100
     assert data.splits.sizes() == {"train": 16, "val": 2, "test": 2}
-    assert load_flickr8k(synth, seed=0).splits == data.splits
-    assert load_flickr8k(synth, seed=1).splits != data.splits
+    assert load_dataset(synth, seed=0).splits == data.splits
+    assert load_dataset(synth, seed=1).splits != data.splits
     assert data.image_path(data.splits.train[0]).is_file()
 
 
@@ -204,7 +204,7 @@ def test_load_flickr8k_missing_layout(tmp_path, missing: str) -> None:
         if missing == "token":
             (root / "Images").mkdir()
     with pytest.raises(FileNotFoundError) as info:  # DatasetNotFoundError is a FileNotFoundError
-        load_flickr8k(root)
+        load_dataset(root)
     msg = str(info.value)
     assert isinstance(info.value, DatasetNotFoundError)
     assert "Images/" in msg and "Flickr8k.token.txt" in msg and "python -m core.synthetic" in msg
@@ -215,7 +215,7 @@ def test_captioned_images_missing_on_disk_are_dropped(tmp_path) -> None:
     with open(root / "Flickr8k.token.txt", "a") as f:
         f.write("2258277193_586949ec62.jpg.1#0\tA caption whose image does not exist\n")
     with pytest.warns(UserWarning, match="1 captioned image"):
-        data = load_flickr8k(root)
+        data = load_dataset(root)
     assert len(data.captions) == 4 and data.missing_images == ["2258277193_586949ec62.jpg.1"]
 
 
@@ -379,7 +379,7 @@ def test_caption_table_sample_deterministic(table_and_vocab) -> None:
 
 
 def test_datasets_shapes(synth) -> None:
-    data = load_flickr8k(synth)
+    data = load_dataset(synth)
     vocab = data.build_vocab()
     table = data.caption_table("train", vocab)
     ds = TrainDataset(data.images_dir, data.splits.train, image_transform(32, train=True))
@@ -407,14 +407,15 @@ def test_wide_range_grey_images_are_stretched(tmp_path) -> None:
         assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((1, 0)) == (255, 255, 255), name
 
 
-def test_info_flags_match_train_and_old_names_still_parse(synth, capsys) -> None:
+def test_info_flags_match_train(synth, capsys) -> None:
     from core.data import main
 
     assert main(["info", str(synth), "--split-seed", "3", "--min-word-freq", "1"]) == 0
-    new = capsys.readouterr()
-    assert main(["info", str(synth), "--seed", "3", "--min-freq", "1"]) == 0
-    old = capsys.readouterr()
-    assert old.out == new.out and "--seed is deprecated, use --split-seed" in old.err
+    capsys.readouterr()
+    for old in ("--seed", "--min-freq"):  # the names before 0.2 are gone (CHANGELOG.md)
+        with pytest.raises(SystemExit):
+            main(["info", str(synth), old, "3"])
+        assert "unrecognized arguments" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["info", "--help"])
     help_text = capsys.readouterr().out

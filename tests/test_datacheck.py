@@ -19,7 +19,7 @@ import robustness_corpus as corpus
 import core.images
 from core import datacheck
 from core.captions import DataFormatError, parse_caption_line, parse_token_file
-from core.data import apply_skip_list, load_flickr8k
+from core.data import apply_skip_list, load_dataset
 from core.datacheck import DataCheckError, check_dataset, write_skip_list
 from core.images import ImageLoadError, load_image, to_rgb
 from core.skiplist import SkipListError, dataset_listing_hash, read_skip_list
@@ -316,7 +316,7 @@ def test_apply_skip_list_removes_images_and_keeps_the_other_splits(tmp_path):
     (root / "Images" / "00003.jpg").write_bytes(corpus.truncated_jpeg())
     report = check_dataset(root)
     write_skip_list(report, root / "skip_list.json")
-    data = load_flickr8k(root)
+    data = load_dataset(root)
     kept = apply_skip_list(data, read_skip_list(root / "skip_list.json", root=root))
     assert "00003.jpg" not in kept.captions
     for split in ("train", "val", "test"):
@@ -371,7 +371,7 @@ def test_a_coco_layout_is_checked_file_by_file_and_caption_by_caption(tmp_path, 
     assert set(skip.skip) == {broken, missing, extra}
     # what training reads: the skipped names are the layout's own (filepath/filename)
     with pytest.warns(UserWarning, match="missing from"):  # the deleted file, which the loader drops by itself
-        data = apply_skip_list(load_flickr8k(root), skip)
+        data = apply_skip_list(load_dataset(root), skip)
     assert broken not in data.captions and missing not in data.captions
 
 

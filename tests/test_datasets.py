@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.captions import DataFormatError
-from core.data import load_flickr8k
+from core.data import load_dataset
 from core.layouts import DatasetNotFoundError, detect
 from core.splits import read_karpathy
 from core.synthetic import generate
@@ -29,22 +29,22 @@ def layouts(tmp_path_factory) -> dict[str, Path]:
 def test_each_layout_is_detected_and_read(layouts):
     for name, root in layouts.items():
         assert detect(root) == name
-        data = load_flickr8k(root)
+        data = load_dataset(root)
         assert data.dataset == name and len(data.captions) == 40 and data.num_captions == 200
         assert all(data.image_path(n).is_file() for n in data.captions)
-    coco = load_flickr8k(layouts["coco"])
+    coco = load_dataset(layouts["coco"])
     # Karpathy's split: every 10th image test, the next val, the next restval (-> train), from val2014/
     assert coco.splits.sizes() == {"train": 32, "val": 4, "test": 4}
     assert "val2014/00002.jpg" in coco.splits.train and "val2014/00000.jpg" in coco.splits.test
     restval = {n for n in coco.splits.train if n.startswith("val2014/")}
     assert restval == {f"val2014/{i:05d}.jpg" for i in range(2, 40, 10)}
     assert coco.ids["val2014/00000.jpg"] == 0
-    assert load_flickr8k(layouts["flickr30k"]).images_dir.name == "flickr30k-images"
+    assert load_dataset(layouts["flickr30k"]).images_dir.name == "flickr30k-images"
 
 
 def test_a_named_dataset_that_is_not_there_shows_its_layout(layouts):
     with pytest.raises(DatasetNotFoundError) as info:
-        load_flickr8k(layouts["flickr8k"], dataset="coco")
+        load_dataset(layouts["flickr8k"], dataset="coco")
     msg = str(info.value)
     assert "expected layout (coco)" in msg and "dataset_coco.json" in msg and "train2014" in msg
     assert "python -m core.synthetic" in msg and "--layout coco" in msg
@@ -52,7 +52,7 @@ def test_a_named_dataset_that_is_not_there_shows_its_layout(layouts):
 
 def test_an_empty_directory_shows_every_layout(tmp_path):
     with pytest.raises(DatasetNotFoundError) as info:
-        load_flickr8k(tmp_path)
+        load_dataset(tmp_path)
     for name in ("flickr8k", "flickr30k", "coco"):
         assert f"expected layout ({name})" in str(info.value)
 
@@ -61,8 +61,8 @@ def test_two_datasets_in_one_directory_ask_for_dataset(tmp_path):
     generate(tmp_path, 12, seed=0, size=64, layout="flickr30k")
     generate(tmp_path, 12, seed=0, size=64, layout="coco")
     with pytest.raises(DatasetNotFoundError, match="choose one with --dataset"):
-        load_flickr8k(tmp_path)
-    assert load_flickr8k(tmp_path, dataset="coco").dataset == "coco"
+        load_dataset(tmp_path)
+    assert load_dataset(tmp_path, dataset="coco").dataset == "coco"
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -80,7 +80,7 @@ def test_an_invalid_karpathy_file_names_the_file_and_the_field(tmp_path, mutate,
     mutate(data["images"][3])
     path.write_text(json.dumps(data))
     with pytest.raises(DataFormatError) as info:
-        load_flickr8k(root)
+        load_dataset(root)
     assert str(path) in str(info.value) and field in str(info.value)
 
 
@@ -109,10 +109,10 @@ def test_600k_captions_build_vocabulary_and_splits_without_opening_images(tmp_pa
     assert k.splits.sizes() == {"train": 116_000, "val": 2_000, "test": 2_000}  # restval went to train
     assert len(vocab) == 4 + 9000 + 4  # the 9000 words, "a", "and", "on", "table"
     with pytest.warns(UserWarning, match="119997 captioned image"):
-        data = load_flickr8k(tmp_path)
+        data = load_dataset(tmp_path)
     assert sorted(data.captions) == ["train2014/000000000001.jpg", "train2014/000000000002.jpg",
                                      "val2014/000000000000.jpg"]
-    print(f"\n600k captions: parsed + vocabulary in {parsed:.1f}s, load_flickr8k in "
+    print(f"\n600k captions: parsed + vocabulary in {parsed:.1f}s, load_dataset in "
           f"{time.perf_counter() - t0 - parsed:.1f}s")
 
 
@@ -132,7 +132,7 @@ def test_train_and_evaluate_end_to_end(layouts, tmp_path, name, monkeypatch, cap
     report = json.loads((tmp_path / "run" / "test_metrics.json").read_text())
     results = json.loads((tmp_path / "run" / "test_results.json").read_text())
     assert report["images"] == len(results) == 4
-    assert {r["image_id"] for r in results} == set(load_flickr8k(layouts[name]).splits.test)
+    assert {r["image_id"] for r in results} == set(load_dataset(layouts[name]).splits.test)
     if name == "coco":  # the figures of the training report are those of core.evaluate on its results file
         assert "COCO caption metrics" in run.stdout and "CIDEr-D" in run.stdout
         assert set(report["coco"]["scores"]) >= {"bleu1", "bleu4", "rouge_l", "cider"}

@@ -24,9 +24,9 @@ def data(tmp_path_factory) -> Path:
 
 
 def _references(data: Path) -> dict[str, list[str]]:
-    from core.data import load_flickr8k
+    from core.data import load_dataset
 
-    d = load_flickr8k(data)
+    d = load_dataset(data)
     return {n: d.captions[n] for n in d.splits.test}
 
 

@@ -41,11 +41,11 @@ _CACHE: dict[str, Artifacts] = {}
 
 def _calibrate_and_train(data_dir: Path, steps: int = 60):
     from core.checkpoint import make_checkpoint
-    from core.data import load_flickr8k
+    from core.data import load_dataset
     from core.images import image_transform, load_image
     from core.model import CaptionModel, ModelConfig, caption_loss
 
-    data = load_flickr8k(data_dir)  # the default split, as the CLIs use it: 32 train, 4 val, 4 test
+    data = load_dataset(data_dir)  # the default split, as the CLIs use it: 32 train, 4 val, 4 test
     vocab = data.build_vocab()
     torch.manual_seed(0)
     model = CaptionModel(ModelConfig(vocab_size=len(vocab), **CFG))

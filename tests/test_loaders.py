@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.data import load_flickr8k
+from core.data import load_dataset
 from core.images import IMAGENET_MEAN, IMAGENET_STD, image_transform, load_image, train_resize_size
 from distributed.env import DistEnv
 from distributed.loaders import EvalLoader, dali_available, eval_shard, make_train_loader, train_indices
@@ -23,7 +23,7 @@ def cpu_env(rank: int = 0, world: int = 1) -> DistEnv:
 
 @pytest.fixture(scope="module")
 def dataset(synthetic_data):
-    data = load_flickr8k(synthetic_data)
+    data = load_dataset(synthetic_data)
     vocab = data.build_vocab(min_freq=1)
     return data, vocab
 

@@ -78,10 +78,10 @@ def test_train_checkpoint_write_failure_is_clear_and_keeps_the_earlier_checkpoin
 # --------------------------------------------------------------------------------------------
 def _dataset_with_a_truncated_train_image(d: Path) -> tuple[Path, str]:
     import robustness_corpus as corpus
-    from core.data import load_flickr8k
+    from core.data import load_dataset
 
     data = synth(d)
-    name = load_flickr8k(data).splits.train[0]  # the split does not depend on the file contents
+    name = load_dataset(data).splits.train[0]  # the split does not depend on the file contents
     (data / "Images" / name).write_bytes(corpus.truncated_jpeg())
     return data, name
 

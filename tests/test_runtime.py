@@ -447,15 +447,12 @@ def test_fp16_graphs_when_exported_on_cuda(art):
     print("\nfp16 agreement:", manifest["fp16"].get("captions"))
 
 
-def test_caption_command_precision_flag_and_the_old_int8_alias(art, capsys):
+def test_caption_command_precision_flag(art, capsys):
     from export import caption
 
     rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--precision", "int8", "--threads", "1"])
     out = capsys.readouterr()
     assert rc == 0 and "precision int8 (--precision int8)" in out.err and "int8 encoder + int8 step" in out.err
-    rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--int8", "--threads", "1"])
-    out = capsys.readouterr()
-    assert rc == 0 and "--int8 is deprecated, use --precision int8" in out.err and "int8 encoder + int8 step" in out.err
     rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--threads", "1"])  # auto
     err = capsys.readouterr().err
     assert rc == 0 and "precision " in err and "auto" in err

@@ -16,7 +16,7 @@ import torch
 
 from core import synthetic
 from core.captions import parse_token_file
-from core.data import EvalDataset, TrainDataset, load_flickr8k
+from core.data import EvalDataset, TrainDataset, load_dataset
 from core.images import image_transform
 from core.synthetic import COLORS, SHAPES, Scene, Shape, describe, generate, random_scene, relation, render
 from core.vocab import tokenize
@@ -184,7 +184,7 @@ def test_cli_dataset_reads_back_end_to_end(tmp_path) -> None:
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\n") == 1 and "200 images" in res.stdout  # one-line summary
 
-    data = load_flickr8k(out, seed=0)
+    data = load_dataset(out, seed=0)
     assert len(data.captions) == 200 and data.num_captions == 1000
     sizes = data.splits.sizes()
     assert sizes == {"train": 160, "val": 20, "test": 20}
@@ -220,8 +220,8 @@ def test_karpathy_layouts_are_deterministic_and_hold_the_same_scenes(tmp_path, l
     a = generate(tmp_path / "a", 12, seed=5, size=48, layout=layout)
     assert {p.name for p in a.iterdir()} == files
     assert tree_digest(a) == tree_digest(generate(tmp_path / "b", 12, seed=5, size=48, layout=layout))
-    flickr8k = load_flickr8k(generate(tmp_path / "f8k", 12, seed=5, size=48))
-    data = load_flickr8k(a)
+    flickr8k = load_dataset(generate(tmp_path / "f8k", 12, seed=5, size=48))
+    data = load_dataset(a)
     # same seed: the same scenes and captions, whatever the layout
     assert sorted(map(sorted, data.captions.values())) == sorted(map(sorted, flickr8k.captions.values()))
     (a / next(iter(files - {"flickr30k-images", "train2014", "val2014"}))).write_text('{"images": []}')

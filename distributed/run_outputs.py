@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from core.data import Flickr8k
+from core.data import CaptionDataset
 from core.decode import beam_search
 from core.fileio import atomic_write, atomic_write_text
 from core.model import CaptionModel
@@ -56,7 +56,7 @@ def fmt_coco(test: dict) -> str:
     return "test, " + CocoScores.from_dict(coco).line()
 
 
-def write_examples(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, names: list[str], beam_size: int,
+def write_examples(model: CaptionModel, data: CaptionDataset, vocab: Vocabulary, names: list[str], beam_size: int,
                    max_len: int, autocast, out: Path) -> list[dict]:
     """Caption ``names`` with beam search; save captioned images, attention figures and captions.json."""
     from core.viz import save_attention_figure, save_captioned_image
