@@ -48,7 +48,7 @@ def compute_rate(captioner, images: torch.Tensor, batch: int) -> float:
 def cli_rate(args, files: list[Path]) -> float:
     """Images/s of the caption command's own loop (export.caption.caption_all, what its summary line times:
     model loading excluded), stdout discarded."""
-    from export import caption
+    from export.runtime import caption
 
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
         f.write("\n".join(str(p) for p in files))

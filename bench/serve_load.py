@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core import hardware  # noqa: E402
-from export.serve_metrics import parse_histogram  # noqa: E402
+from export.serve.metrics import parse_histogram  # noqa: E402
 
 MAX_CLIENTS, MAX_SECONDS = 256, 600
 

@@ -46,7 +46,7 @@ from core import hardware
 from core.decode import Encoded, Hypothesis, beam_search
 from core.model import CaptionModel
 from core.vocab import Vocabulary
-from export.backends import torch_threads
+from export.runtime import torch_threads
 
 RESIDUAL_SCALE = 0.1  # scale of each residual branch's last BatchNorm in the random encoder
 FP32_EXPORTED = ("torchscript", "ort")  # must give exactly eager fp32's captions
@@ -99,43 +99,6 @@ def build_model(cfg: BenchConfig) -> CaptionModel:
     with torch.no_grad():
         model.decoder.fc.weight.mul_(20.0)  # peaked word distributions, as a trained model has
     return model.eval()
-
-
-# -------------------------------------------------------------------------------------------- the backends
-class Bf16Encoder:
-    """Eager with the encoder under bf16 autocast (outputs back to float32); steps are eager fp32."""
-
-    name = "eager_bf16"
-    search_threads = None  # torch computes: all its threads
-
-    def __init__(self, eager):
-        self.eager = eager
-        self.device = eager.device
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> Encoded:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            out = self.eager.encode(images)
-        return Encoded(*(t.float().contiguous() for t in out))  # contiguous: the ORT step would copy per step
-
-    def step(self, *args):
-        return self.eager.step(*args)
-
-
-class Combined:
-    """One backend's encoder with another's decoder step."""
-
-    search_threads = None  # the encoder (eager bf16 here) is torch's
-
-    def __init__(self, name: str, encoder, stepper):
-        self.name, self._enc, self._step = name, encoder, stepper
-        self.device = stepper.device
-
-    def encode(self, images):
-        return self._enc.encode(images)
-
-    def step(self, *args):
-        return self._step.step(*args)
 
 
 @dataclass
@@ -215,14 +178,14 @@ class Suite:
         return self._backends[name]
 
     def _make_backend(self, name: str):
-        from export.runtime import EagerBackend, OrtBackend, TorchScriptBackend
+        from export.runtime import Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
 
         threads = self.cfg.num_threads
         provider = ["cuda"] if self.device == "cuda" else ["cpu"]
         if name == "eager":
             return EagerBackend(self.model, self.vocab, device=self.device)
         if name == "eager_bf16":
-            return Bf16Encoder(self.backend("eager"))
+            return Bf16EncoderBackend(self.backend("eager"), self.backend("eager"), name)
         if name == "torchscript":
             return TorchScriptBackend(self.export_dir, device=self.device)
         if name == "ort":
@@ -232,7 +195,7 @@ class Suite:
         if name == "ort_fp16":
             return OrtBackend(self.export_dir, providers=provider, threads=threads, fp16=True)
         if name == "ort_bf16enc":
-            return Combined(name, self.backend("eager_bf16"), self.backend("ort"))
+            return Bf16EncoderBackend(self.backend("eager"), self.backend("ort"), name)
         if name == "ort_int8enc":
             return OrtBackend(self.export_dir, providers=provider, threads=threads, int8_encoder=True)
         if name == "ort_int8full":
@@ -271,7 +234,7 @@ class Suite:
 
     def _searched(self, b, encode: Callable[[], Encoded]) -> Callable[[], list[Hypothesis]]:
         """``encode()`` then beam search over ``b`` with a fixed number of steps, torch's threads as
-        export.captioner.Captioner sets them for this backend."""
+        export.runtime.captioner.Captioner sets them for this backend."""
         cfg, v = self.cfg, self.vocab
 
         def run():

@@ -53,7 +53,7 @@ class TrainConfig:
     )
     fine_tune_encoder: bool = _f(False, "with pretrained weights: also train conv blocks 2-4 of the encoder")
     init_from: str = _f("", "start from the weights of this checkpoint (ours, or one written by "
-                            "python -m export.import_tutorial): every weight whose shape fits, the word rows mapped "
+                            "python -m core.import_tutorial): every weight whose shape fits, the word rows mapped "
                             "onto this run's vocabulary, a fresh optimizer; its encoder counts as pretrained")
     # ------------------------------------------------------------------ optimization
     epochs: int = _f(20, "maximum number of epochs")

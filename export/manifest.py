@@ -2,7 +2,7 @@
 
     python export/to_onnx.py --checkpoint RUN/best.pt --out exported/     # writes a directory in this format
 
-Shared by the exporter (export/to_onnx.py) and the runtime (export/runtime.py). No onnxruntime here, and
+Shared by the exporter (export/to_onnx.py) and the runtime (export/runtime/load.py). No onnxruntime here, and
 ``onnx`` only inside :func:`check_external_data`.
 
 An export directory holds::

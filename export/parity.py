@@ -2,7 +2,7 @@
 
     python export/to_onnx.py --checkpoint RUN/best.pt --out exported/    # runs every check below before publishing
 
-The exported files are checked through the runtime itself (export/backends.py, hashes included): encode at
+The exported files are checked through the runtime itself (export/runtime/backends.py, hashes included): encode at
 several N, step at several N x k, then beam-search captions. A graph passes when, for every output,
 max|x - ref| <= atol + rtol * max|ref|; the export fails when one does not.
 """
@@ -20,7 +20,7 @@ from core.decode import Encoded, beam_search
 from core.model import CaptionModel
 from core.vocab import Vocabulary
 from export import manifest as fmt
-from export.backends import EagerBackend, OrtBackend, TorchScriptBackend
+from export.runtime.backends import EagerBackend, OrtBackend, TorchScriptBackend
 from export.graphs import ExportError
 
 log = logging.getLogger("sat.export")

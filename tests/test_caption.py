@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from test_export_support import PYTHON, ROOT, artifacts
 
-from export import caption
+from export.runtime import caption
 
 
 @pytest.fixture(scope="module")

@@ -30,11 +30,11 @@ def test_scripts_run_from_another_directory(script, tmp_path):
 
 
 @pytest.mark.parametrize(("module", "flag", "value", "message"), [
-    ("export.caption", "--batch-size", "0", "must be 1 or more, got 0"),
-    ("export.caption", "--threads", "two", "expected a whole number, got two"),
-    ("export.serve", "--max-batch", "-3", "must be 1 or more, got -3"),
-    ("export.serve", "--timeout-s", "nan", "must be more than 0, got nan"),
-    ("export.serve", "--max-body-mb", "inf", "must be more than 0, got inf"),
+    ("export.runtime.caption", "--batch-size", "0", "must be 1 or more, got 0"),
+    ("export.runtime.caption", "--threads", "two", "expected a whole number, got two"),
+    ("export.serve.server", "--max-batch", "-3", "must be 1 or more, got -3"),
+    ("export.serve.server", "--timeout-s", "nan", "must be more than 0, got nan"),
+    ("export.serve.server", "--max-body-mb", "inf", "must be more than 0, got inf"),
 ])
 def test_counts_and_limits_refuse_what_is_not_positive(module, flag, value, message, capsys):
     """One rule (core.cli.positive_int / positive_float) in every command: a usage error naming the flag."""
@@ -43,6 +43,19 @@ def test_counts_and_limits_refuse_what_is_not_positive(module, flag, value, mess
         parser.parse_args([flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and flag in err and message in err
+
+
+def test_the_caption_command_and_the_server_share_the_model_flags():
+    """One declaration (export.runtime.add_model_args) and one loader (load_captioner) behind both commands."""
+    from export.runtime.caption import build_parser as caption_parser
+    from export.serve.server import build_parser as serve_parser
+
+    flags = ["--model", "m", "--backend", "eager", "--precision", "fp32", "--beam-size", "2", "--max-decode-len", "9",
+             "--length-norm", "0.7", "--search", "tutorial", "--expect-sha256", "ab12", "--threads", "1", "--no-verify"]
+    cap, srv = caption_parser().parse_args(flags), serve_parser().parse_args(flags)
+    for key in ("model", "backend", "precision", "beam_size", "max_decode_len", "length_norm", "search",
+                "expect_sha256", "threads", "no_verify", "device"):
+        assert getattr(cap, key) == getattr(srv, key), key
 
 
 def test_dataset_flags_are_the_same_in_every_command():

@@ -146,7 +146,7 @@ def test_train_and_evaluate_end_to_end(layouts, tmp_path, name, monkeypatch, cap
     else:  # export.caption writes a results file of the same images that core.evaluate reads
         assert "python -m core.evaluate" in report["coco_skipped"]
         from core.evaluate import main as evaluate_main
-        from export.caption import main as caption_main
+        from export.runtime.caption import main as caption_main
 
         written = tmp_path / "caption_results.json"
         assert caption_main(["--model", str(tmp_path / "run" / "last.pt"), "--backend", "eager", "--data",

@@ -1,4 +1,4 @@
-"""export/runtime.py: ORT, TorchScript and eager give the same captions; input and file validation."""
+"""export/runtime/load.py: ORT, TorchScript and eager give the same captions; input and file validation."""
 
 from __future__ import annotations
 
@@ -448,7 +448,7 @@ def test_fp16_graphs_when_exported_on_cuda(art):
 
 
 def test_caption_command_precision_flag(art, capsys):
-    from export import caption
+    from export.runtime import caption
 
     rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "--precision", "int8", "--threads", "1"])
     out = capsys.readouterr()

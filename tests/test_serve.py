@@ -19,13 +19,21 @@ from PIL import Image
 from test_export_support import artifacts
 from test_serve_support import Server, encode, png_bomb
 
-from export import caption
-from export.batcher import BatcherConfig, DynamicBatcher
-from export.serve_metrics import parse_histogram, parse_value
+from export.runtime import caption
+from export.serve.batcher import BatcherConfig, DynamicBatcher
+from export.serve.metrics import parse_histogram
 
 BEAM = "3"
 LIMIT_MB = 0.25  # --max-body-mb of the main server
 MAX_PIXELS = 200_000
+
+
+def parse_value(text: str, name: str) -> float:
+    """The value of an unlabelled counter or gauge in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from core.checkpoint import load_checkpoint, model_from_checkpoint
 from core.decode import Encoded, beam_search
 from core.vocab import Vocabulary
-from export.import_tutorial import TUTORIAL_MAX_LEN, TutorialImportError, import_tutorial, main
+from core.import_tutorial import TUTORIAL_MAX_LEN, TutorialImportError, import_tutorial, main
 
 # ------------------------------------------------------------------------------- the tutorial's models.py
 TUTORIAL_MODELS = '''
@@ -434,7 +434,7 @@ def test_caption_command_with_the_tutorial_search(imported, tutorial_run, tmp_pa
     import numpy as np
     from PIL import Image
 
-    from export.caption import main as caption_main
+    from export.runtime.caption import main as caption_main
     from core.images import image_transform, load_image
 
     _, _, encoder, decoder, word_map = tutorial_run

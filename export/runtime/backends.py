@@ -390,3 +390,31 @@ class EagerBackend(Backend):
     @torch.inference_mode()
     def step(self, words, h, c, enc_out, enc_att):
         return self.model.step(words.long(), h, c, enc_out, enc_att)
+
+
+class Bf16EncoderBackend(Backend):
+    """Mixed precision: the eager encoder under bf16 autocast (outputs back to fp32), another backend's fp32 step.
+
+    ``--precision bf16`` pairs it with the ORT step; the benchmarks also pair it with the eager step."""
+
+    def __init__(self, eager: EagerBackend, stepper: Backend, name: str = "bf16"):
+        self.name, self.eager, self.stepper = name, eager, stepper
+        self.device, self.vocab, self.manifest = stepper.device, stepper.vocab, stepper.manifest
+        self.preprocess = stepper.preprocess
+
+    @property
+    def decode_defaults(self) -> dict[str, Any]:
+        return self.stepper.decode_defaults
+
+    @torch.inference_mode()
+    def encode(self, images: Tensor) -> Encoded:
+        images = self.check_images(images).to(self.eager.device)
+        with torch.autocast(self.eager.device.type, dtype=torch.bfloat16):
+            out = self.eager.model.encode(images)
+        return Encoded(*(t.float().contiguous() for t in out))  # contiguous: the ORT step would copy each step
+
+    def step(self, words, h, c, enc_out, enc_att):
+        return self.stepper.step(words, h, c, enc_out, enc_att)
+
+    def describe(self) -> str:
+        return f"eager bf16 encoder + {self.stepper.describe()}"

@@ -7,9 +7,9 @@
     curl http://127.0.0.1:8000/metrics
 
 Concurrent requests are captioned together: up to --max-batch images in one beam search, waiting at most
---max-wait-ms for company (export/batcher.py). The server binds 127.0.0.1 unless --host says otherwise; SIGTERM
-or Ctrl-C stops taking connections, finishes the requests in flight, then exits. Routes: export/serve_app.py;
-what clients may send and the error statuses: export/serve_inputs.py.
+--max-wait-ms for company (export/serve/batcher.py). The server binds 127.0.0.1 unless --host says otherwise; SIGTERM
+or Ctrl-C stops taking connections, finishes the requests in flight, then exits. Routes: export/serve/app.py;
+what clients may send and the error statuses: export/serve/inputs.py.
 """
 
 from __future__ import annotations
@@ -21,38 +21,25 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from pathlib import Path
 
 import torch
 
-from core import hardware
 from core.cli import positive_float, positive_int
 from core.images import release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
-from export.serve_app import ServeConfig, create_app
+from export.runtime import add_model_args, load_captioner, model_load_errors
+from export.serve.app import ServeConfig, create_app
 
 log = get_logger("serve")
-
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
     p = argparse.ArgumentParser(prog="python -m export.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", "--checkpoint", dest="model", type=Path, default=d.model,
-                   help="export directory (default exported/); for --backend eager also a checkpoint .pt")
-    p.add_argument("--backend", choices=["ort", "torchscript", "eager"], default=d.backend,
-                   help="runtime (default ort)")
+    add_model_args(p, beam_size=3)
     p.add_argument("--host", default=d.host, help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=d.port, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--beam-size", type=positive_int, default=d.beam_size, help="beam size (default 3)")
-    p.add_argument("--max-decode-len", type=positive_int, default=None, help="longest caption (default: the model's)")
-    p.add_argument("--threads", type=positive_int, default=d.threads,
-                   help="inference threads (default: every core this process may use)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device, help="where the model runs")
-    p.add_argument("--precision", choices=["auto", "fp32", "int8", "bf16"], default=d.precision,
-                   help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32 "
-                        "(as python -m export.caption)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="images per batch (default 16)")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="longest wait for more images once one is queued (default 10)")
@@ -66,11 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest width x height decoded (default core.images.MAX_PIXELS)")
     p.add_argument("--decode-threads", type=positive_int, default=d.decode_threads,
                    help="threads decoding uploads (default 2)")
-    p.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     add_verbosity_args(p)
     return p
-
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.max_wait_ms < 0:
@@ -78,31 +63,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
-    return ServeConfig(**values, verify=not args.no_verify)
-
-
-def inference_threads(requested: int | None) -> tuple[int, str]:
-    """(threads, why). Every core: the inference pools sleep while idle (export.backends), so they no longer starve
-    the event loop and the decode threads, which they did while spinning (one core was left free then). On the
-    2-core Zen 5, 32 clients: int8 demo export 278 -> 312 requests/s, fp32 107 -> 132, against the cores less one."""
-    if requested:
-        return requested, "--threads"
-    cores = hardware.cpu_cores()
-    return cores, f"the {cores} cores this process may use"
-
-
-def load_captioner(cfg: ServeConfig):
-    from export.runtime import Captioner, load_backend
-
-    device = None if cfg.device == "auto" else cfg.device
-    threads, why = inference_threads(cfg.threads)
-    log.info("inference threads: %d (%s)", threads, why)
-    torch.set_num_threads(threads)  # torch runs the beam search's own ops: its idle OpenMP threads spin otherwise
-    backend = load_backend(cfg.backend, cfg.model, threads=threads, device=device, verify=cfg.verify,
-                           precision=cfg.precision)
-    log.info("precision: %s", backend.precision)
-    return Captioner(backend, beam_size=cfg.beam_size, max_len=cfg.max_decode_len)
-
+    return ServeConfig(**values)
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn starts, so port 0 is resolved and said in the log."""
@@ -113,7 +74,6 @@ def bind(host: str, port: int) -> socket.socket:
     sock.set_inheritable(True)
     return sock
 
-
 def _event_loop_runner():
     """uvloop's run where installed (its event loop costs less CPU per request than asyncio's), else asyncio's."""
     try:
@@ -121,7 +81,6 @@ def _event_loop_runner():
     except ImportError:
         return asyncio.run
     return uvloop.run
-
 
 def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
     import uvicorn
@@ -132,7 +91,7 @@ def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
                             timeout_graceful_shutdown=cfg.timeout_s + 5)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     log.info("%s, beam %d, batches of up to %d (wait <= %g ms); serving on %s", captioner.backend.describe(),
-             cfg.beam_size, cfg.max_batch, cfg.max_wait_ms, url)
+             captioner.beam_size, cfg.max_batch, cfg.max_wait_ms, url)
     print(f"serving on {url}", file=sys.stderr, flush=True)  # the line tests and scripts wait for
     # uvicorn drains on SIGTERM/SIGINT, then re-raises the signal under the handlers it found: with these no-op
     # handlers a drained server exits 0 instead of dying of the signal it has already handled.
@@ -141,13 +100,10 @@ def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
     _event_loop_runner()(uvicorn.Server(config).serve(sockets=[sock]))
     log.info("stopped: requests in flight finished")
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("serve", args.verbose - args.quiet)
     release_image_memory_promptly()  # decode threads: freed uploads leave the process (bounded peak memory)
-    from export.runtime import model_load_errors
-
     try:
         cfg = config_from_args(args)
     except ValueError as e:
@@ -159,13 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
         return 2
     try:
-        captioner = load_captioner(cfg)
+        captioner = load_captioner(args)
+        log.info("precision: %s; inference threads: %d", captioner.backend.precision, torch.get_num_threads())
     except model_load_errors() as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 2
     serve(cfg, captioner, sock)
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -25,7 +25,7 @@ from core.decode import Hypothesis, beam_search, check_search
 from core.hardware import cpu_cores
 from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image, reduce_jpeg_scale
 from core.vocab import Vocabulary
-from export.backends import Backend, torch_threads
+from export.runtime.backends import Backend, torch_threads
 from export.manifest import DEFAULT_MAX_LEN, transform_for
 
 

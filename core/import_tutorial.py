@@ -1,6 +1,6 @@
 """Import a checkpoint of the PyTorch tutorial (a-PyTorch-Tutorial-to-Image-Captioning), running none of its pickle.
 
-    python -m export.import_tutorial BEST_checkpoint_flickr8k_5_cap_per_img_5_min_word_freq.pth.tar \\
+    python -m core.import_tutorial BEST_checkpoint_flickr8k_5_cap_per_img_5_min_word_freq.pth.tar \\
         WORDMAP_flickr8k_5_cap_per_img_5_min_word_freq.json --out runs/tutorial/model.pt
 
 The tutorial's train.py saves whole modules and optimizers with torch.save, i.e. pickles that name classes to
@@ -40,10 +40,9 @@ import torch
 from torch import Tensor
 
 from core.checkpoint import CheckpointError, load_model_weights, make_checkpoint, save_checkpoint
-from core.fileio import UnsafeTorchError, load_weights_only, read_json
+from core.fileio import UnsafeTorchError, load_weights_only, read_json, sha256_file
 from core.model import BACKBONE_CHANNELS, CaptionModel, ModelConfig
 from core.vocab import SPECIALS, Vocabulary
-from export.manifest import sha256_file
 
 TUTORIAL_IMAGE_SIZE = 256
 TUTORIAL_MAX_LEN = 51  # caption.py: `if step > 50: break` after its step, so up to 51 steps
@@ -278,7 +277,7 @@ def import_tutorial(checkpoint: str | Path, word_map: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.import_tutorial", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m core.import_tutorial", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("checkpoint", type=Path, help="the tutorial's BEST_checkpoint_*.pth.tar (or checkpoint_*)")

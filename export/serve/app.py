@@ -1,12 +1,12 @@
 """The FastAPI app of the caption server: routes, dynamic batching of the beam search, metrics, the web page.
 
-    app = create_app(captioner, ServeConfig(model=Path("exported")))   # served by export/serve.py (uvicorn)
+    app = create_app(captioner, ServeConfig(model=Path("exported")))   # served by export/serve/server.py (uvicorn)
 
     POST /v1/captions[?attention=1]  multipart 'image' file fields, or one raw image body -> {"results": [...]}
-    GET  /                           the web page (export/static/index.html, self-contained)
+    GET  /                           the web page (export/serve/static/index.html, self-contained)
     GET  /healthz  GET /v1/model  GET /metrics
 
-Every image of every concurrent request goes through one DynamicBatcher (export/batcher.py) whose worker thread
+Every image of every concurrent request goes through one DynamicBatcher (export/serve/batcher.py) whose worker thread
 runs ``Captioner.caption_tensors`` on up to ``max_batch`` images at once: the same beam search, on the same
 preprocessed tensors, as ``python -m export.caption``.
 """
@@ -28,10 +28,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from core.decode import Hypothesis
 from core.images import MAX_PIXELS
-from export.batcher import BatcherConfig, DynamicBatcher, QueueFull, Stopped
-from export.captioner import Captioner
-from export.serve_inputs import Problem, decode_uploads, read_uploads
-from export.serve_metrics import ServeMetrics
+from export.serve.batcher import BatcherConfig, DynamicBatcher, QueueFull, Stopped
+from export.runtime import Captioner
+from export.serve.inputs import Problem, decode_uploads, read_uploads
+from export.serve.metrics import ServeMetrics
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page runs only its own inline script and style and sends only to this server: nothing from the network.
@@ -42,15 +42,9 @@ ENDPOINTS = ("/", "/healthz", "/v1/model", "/v1/captions", "/metrics")
 
 @dataclass
 class ServeConfig:
-    model: Path = Path("exported")
-    backend: str = "ort"  # ort | torchscript | eager
+    model: Path = Path("exported")  # shown by GET /v1/model; loading it is export.runtime.load_captioner's
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000  # 0: any free port (the log line says which)
-    beam_size: int = 3
-    max_decode_len: int | None = None  # None: the model's recorded one
-    threads: int | None = None  # inference threads (ORT intra-op / torch); None: every core
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | int8 | bf16, as the caption command (export.runtime.load_backend)
     max_batch: int = 16
     max_wait_ms: float = 10.0
     queue_size: int = 256  # images waiting; more get 503 + Retry-After
@@ -59,7 +53,6 @@ class ServeConfig:
     max_images: int = 16  # per request
     max_pixels: int = MAX_PIXELS
     decode_threads: int = 2  # image decoding, off the event loop
-    verify: bool = True
     access_log: bool = False
 
     @property

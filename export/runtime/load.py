@@ -1,4 +1,4 @@
-"""Run an exported captioning model: ONNX Runtime, TorchScript or eager PyTorch behind one interface.
+"""Load an exported captioning model: a backend by name, path and precision, and the Captioner every command uses.
 
     from export.runtime import load_backend, Captioner
     backend = load_backend("ort", "exported/")              # or "torchscript", or "eager" with a .pt checkpoint
@@ -7,16 +7,20 @@
     for r in captioner.caption_paths(["a.jpg", "b.jpg"], batch_size=16):
         print(r.path, r.caption if r.ok else r.error)
 
-The public API in one import: the backends are in export/backends.py, the Captioner in export/captioner.py;
+    add_model_args(parser)                                   # the model flags of the caption command and the server
+    captioner = load_captioner(parser.parse_args())          # ... and what they load
+
 :func:`load_backend` picks a backend by name and path, and a precision: ``fp32`` (default), ``int8`` (int8 encoder
-+ int8 step, ``export --quantize int8``), ``bf16`` (eager encoder under bf16 autocast + the fp32 step) or ``auto``:
-the fastest path the export validated and this machine runs natively (``core.hardware.choose_precision``, logged).
++ int8 step, ``export --quantize int8``), ``bf16`` (eager encoder under bf16 autocast + the fp32 step), ``fp16``
+(the fp16 graphs, ONNX Runtime on CUDA) or ``auto``: the fastest path the export validated and this machine runs
+natively (``core.hardware.choose_precision``, logged).
 An export directory is self-contained (see export/manifest.py): running it needs core.decode, core.vocab and
 core.images, never the training code or the checkpoint.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from pathlib import Path
@@ -24,17 +28,9 @@ from pathlib import Path
 import torch
 
 from core import hardware
-from core.decode import Encoded
-from core.vocab import VocabFormatError
-from export.backends import (
-    Backend,
-    EagerBackend,
-    OrtBackend,
-    TorchScriptBackend,
-    check_images,
-    resolve_providers,
-)
-from export.captioner import Captioner, CaptionResult
+from core.cli import positive_int
+from export.runtime.backends import Backend, Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
+from export.runtime.captioner import Captioner
 from export.manifest import (
     DEFAULT_MAX_LEN,
     ENCODER_INT8_ONNX,
@@ -42,42 +38,12 @@ from export.manifest import (
     SAFETENSORS,
     ExportFormatError,
     check_pinned,
-    default_preprocess,
     read_manifest,
-    transform_for,
 )
 
 BACKENDS = ("ort", "torchscript", "eager")
-PRECISIONS = hardware.PRECISIONS
+PRECISIONS = (*hardware.PRECISIONS, "fp16")  # fp16: the fp16 graphs, ONNX Runtime on CUDA
 log = logging.getLogger("sat.export.runtime")
-
-
-class Bf16EncoderBackend(Backend):
-    """--precision bf16: the eager encoder under bf16 autocast (outputs back to fp32), another backend's fp32 step."""
-
-    name = "bf16"
-
-    def __init__(self, eager: EagerBackend, stepper: Backend):
-        self.eager, self.stepper = eager, stepper
-        self.device, self.vocab, self.manifest = stepper.device, stepper.vocab, stepper.manifest
-        self.preprocess = stepper.preprocess
-
-    @property
-    def decode_defaults(self):
-        return self.stepper.decode_defaults
-
-    @torch.inference_mode()
-    def encode(self, images: torch.Tensor) -> Encoded:
-        images = self.check_images(images).to(self.eager.device)
-        with torch.autocast(self.eager.device.type, dtype=torch.bfloat16):
-            out = self.eager.model.encode(images)
-        return Encoded(*(t.float().contiguous() for t in out))  # contiguous: the ORT step would copy each step
-
-    def step(self, words, h, c, enc_out, enc_att):
-        return self.stepper.step(words, h, c, enc_out, enc_att)
-
-    def describe(self) -> str:
-        return f"eager bf16 encoder + {self.stepper.describe()}"
 
 
 def int8_record(manifest: dict | None) -> dict | None:
@@ -90,7 +56,7 @@ def int8_record(manifest: dict | None) -> dict | None:
 
 def resolve_precision(requested: str, path: Path, backend: str, device: str | None) -> hardware.Choice:
     """--precision of a backend and export, through core.hardware.choose_precision; logged with its reason."""
-    if requested not in PRECISIONS:
+    if requested not in hardware.PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     if backend != "ort":
         if requested == "int8":
@@ -120,14 +86,13 @@ def _load_eager(path: Path, device: str | None, verify: bool) -> EagerBackend:
 
 
 def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads: int | None = None,
-                 int8: bool = False, fp16: bool = False, device: str | None = None, verify: bool = True,
-                 precision: str = "fp32", expect_sha256: str | None = None) -> Backend:
+                 device: str | None = None, verify: bool = True, precision: str = "fp32",
+                 expect_sha256: str | None = None) -> Backend:
     """``name`` in ort|torchscript|eager. ``path``: an export directory; for eager also a checkpoint .pt.
 
     eager + directory: the export's model.safetensors (written by export/to_onnx.py unless --no-safetensors),
     or a directory holding only model.safetensors + model.json (core.checkpoint.save_safetensors).
-    ``precision``: fp32 | int8 | bf16 | auto (module docstring); ``int8=True`` alone is the int8 step with the fp32
-    encoder. The backend's ``precision`` attribute holds the choice (a core.hardware.Choice).
+    ``precision``: fp32 | int8 | bf16 | fp16 | auto (module docstring). The backend's ``precision`` attribute holds the choice (a core.hardware.Choice).
     ``expect_sha256``: refuse unless manifest.json (or the checkpoint file) has this sha256 (export/manifest.py).
     """
     path = Path(path)
@@ -139,9 +104,9 @@ def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads:
         raise ExportFormatError(f"{path} is a file, not an export directory: the {name} backend runs an export. "
                                 f"Use --backend eager to run a checkpoint as it is, or export it first: "
                                 f"python export/to_onnx.py --checkpoint {path} --out DIR")
-    if int8 or fp16 or precision == "fp32":
-        backend = _load(name, path, providers, threads, int8, fp16, device, verify)
-        backend.precision = hardware.Choice("int8 step" if int8 else "fp16" if fp16 else "fp32", "requested")
+    if precision in ("fp32", "fp16"):
+        backend = _load(name, path, providers, threads, False, precision == "fp16", device, verify)
+        backend.precision = hardware.Choice(precision, "requested")
         return backend
     choice = resolve_precision(precision, path, name, device)
     if choice.value == "int8":  # int8 encoder + int8 step
@@ -177,23 +142,50 @@ def model_load_errors() -> tuple[type[Exception], ...]:
 
     return ExportFormatError, CheckpointError, RuntimeError, ValueError, OSError
 
-__all__ = [
-    "model_load_errors",
-    "BACKENDS",
-    "DEFAULT_MAX_LEN",
-    "Backend",
-    "OrtBackend",
-    "TorchScriptBackend",
-    "EagerBackend",
-    "load_backend",
-    "resolve_precision",
-    "Bf16EncoderBackend",
-    "Captioner",
-    "CaptionResult",
-    "default_preprocess",
-    "transform_for",
-    "check_images",
-    "resolve_providers",
-    "ExportFormatError",
-    "VocabFormatError",
-]
+
+# ------------------------------------------------------------------------------ what every command shares
+def add_model_args(p: argparse.ArgumentParser, beam_size: int = 5) -> None:
+    """The flags that say which model to load and how to decode: the caption command's and the server's."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "--checkpoint", dest="model", type=Path, default=Path("exported"),
+                   help="export directory (default exported/); for --backend eager also a checkpoint .pt")
+    g.add_argument("--backend", choices=BACKENDS, default="ort", help="runtime (default ort)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto (default): int8 where the export validated it and this CPU runs it natively, else fp32; "
+                        "int8: int8 encoder + step (export --quantize int8); bf16: eager bf16 encoder + fp32 step; "
+                        "fp16: the fp16 graphs on CUDA (export --fp16)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where the model runs")
+    g.add_argument("--threads", type=positive_int, default=None,
+                   help="inference threads, ORT intra-op and torch (default: every core this process may use)")
+    g.add_argument("--beam-size", type=positive_int, default=beam_size,
+                   help=f"beam size; 1 is greedy (default {beam_size})")
+    g.add_argument("--max-decode-len", type=positive_int, default=None,
+                   help=f"longest generated caption in words (default: the model's recorded one, else {DEFAULT_MAX_LEN})")
+    g.add_argument("--length-norm", type=float, default=0.0, help="rank by score / length**a (default 0: raw sum)")
+    g.add_argument("--search", choices=["default", "tutorial"], default="default",
+                   help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
+                        "caption_image_beam_search (its captions, word for word; see docs/tutorial.md)")
+    g.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
+    g.add_argument("--expect-sha256", metavar="HEX", default=None,
+                   help="refuse the model unless manifest.json (or the checkpoint file) has this sha256, the one "
+                        "the exporter logged: the manifest's hashes only catch files changed without it")
+
+
+def inference_threads(requested: int | None) -> tuple[int, str]:
+    """(threads, why). Every core by default: the inference pools sleep while idle (export.runtime.backends), so
+    they leave the cores to the search, the event loop and the decode threads between runs."""
+    if requested:
+        return requested, "--threads"
+    cores = hardware.cpu_cores()
+    return cores, f"the {cores} cores this process may use"
+
+
+def load_captioner(args: argparse.Namespace) -> Captioner:
+    """The Captioner of the flags :func:`add_model_args` added; errors are those of :func:`model_load_errors`."""
+    threads, why = inference_threads(args.threads)
+    log.debug("inference threads: %d (%s)", threads, why)
+    torch.set_num_threads(threads)  # torch runs the beam search's own ops: its idle OpenMP threads spin otherwise
+    backend = load_backend(args.backend, args.model, threads=threads, device=None if args.device == "auto" else args.device,
+                           verify=not args.no_verify, precision=args.precision, expect_sha256=args.expect_sha256)
+    return Captioner(backend, beam_size=args.beam_size, max_len=args.max_decode_len, length_norm=args.length_norm,
+                     search=args.search)

@@ -48,16 +48,8 @@ class ServeMetrics:
         return generate_latest(self.registry)
 
 
-def parse_value(text: str, name: str) -> float:
-    """The value of an unlabelled counter or gauge in Prometheus text (0 when absent). For clients and tests."""
-    for line in text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return 0.0
-
-
 def parse_histogram(text: str, name: str) -> tuple[float, float]:
-    """(count, sum) of an unlabelled histogram in Prometheus text; (0, 0) when absent. For clients and tests."""
+    """(count, sum) of an unlabelled histogram in Prometheus text; (0, 0) when absent (bench/serve_load.py)."""
     count = total = 0.0
     for line in text.splitlines():
         if line.startswith(f"{name}_count "):
