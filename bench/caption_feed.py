@@ -5,7 +5,7 @@
 
 Three rates at the same batch size, images per second: ``load`` (decode + resize alone, the captioner's thread
 pool), ``compute`` (the images already in memory: encode + beam search, no files), and ``cli`` (the caption
-command itself, ``export.caption.main`` with stdout discarded: files -> captions, loading overlapped with
+command itself, ``export.runtime.caption.main`` with stdout discarded: files -> captions, loading overlapped with
 compute). The acceptance of issue 13 is cli >= 0.9 x compute. Run it on a quiet machine.
 """
 
@@ -46,7 +46,7 @@ def compute_rate(captioner, images: torch.Tensor, batch: int) -> float:
 
 
 def cli_rate(args, files: list[Path]) -> float:
-    """Images/s of the caption command's own loop (export.caption.caption_all, what its summary line times:
+    """Images/s of the caption command's own loop (export.runtime.caption.caption_all, what its summary line times:
     model loading excluded), stdout discarded."""
     from export.runtime import caption
 

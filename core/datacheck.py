@@ -38,7 +38,7 @@ Image files (path ``Images/NAME``); the image is put on the skip list:
   no-captions         an image file with no caption line
 Caption file (path ``Flickr8k.token.txt`` and the line number):
   not-utf8            the line is not valid UTF-8
-  bad-caption-line    the line is not ``IMAGE#N<TAB>caption`` (same rule as ``core.data.parse_token_file``)
+  bad-caption-line    the line is not ``IMAGE#N<TAB>caption`` (same rule as ``core.captions.parse_token_file``)
   duplicate-caption   ``IMAGE#N`` seen before, or the same caption (case and spacing ignored) for the same image
   empty-caption       the caption has no word once tokenized (e.g. ``...``); this and duplicate-caption are the
                       lines training skips by itself (``core.captions.CaptionFilter``, counted in its log)

@@ -222,7 +222,6 @@ def dtype_name(dtype: torch.dtype | None) -> str:
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
-INT8_FORMATS = ("u8s8", "reduce_range")  # full-range int8 weights (VNNI), 7-bit weights (any x86 CPU)
 PRECISIONS = ("auto", "fp32", "int8", "bf16")
 
 

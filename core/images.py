@@ -142,8 +142,8 @@ def _read_header(f, path: Path, size: int) -> Image.Image:
 def release_image_memory_promptly(threshold: int = 1 << 20) -> bool:
     """Have glibc's malloc serve every buffer of ``threshold`` bytes or more by mmap (returned to the system when
     freed). Its default threshold rises to 32 MB after the first large free, after which an image's 16 MB blocks come
-    from per-thread heaps that keep freed memory resident: loader threads then hold their past images' pages (about
-    100 MB more peak RSS over a folder with one 9400x9400 image, measured). False where this is not glibc."""
+    from per-thread heaps that keep freed memory resident: loader threads then hold their past images' pages.
+    False where this is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD (also fixes it: no dynamic raise)
@@ -197,7 +197,7 @@ def reduce_jpeg_scale(im: Image.Image, image_size: int) -> None:
     where the result stays at least twice ``image_size`` on both sides; other formats are left as they are.
 
     For captioning only (the model sees ``image_size`` pixels): a 12-Mpx photo for a 256-px model decodes at
-    1000x750, 2.7x faster than a full decode and its resize, and the antialiased resize from twice the size
+    1000x750, far faster than a full decode and its resize, and the antialiased resize from twice the size
     changes the input little (Pillow's thumbnail() makes the same trade by default, ``reducing_gap=2``).
     Flickr8k-sized images (500x375) are never reduced for a 256-px model. Training and the dataset check
     decode in full.

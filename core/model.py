@@ -158,9 +158,8 @@ class Attention(nn.Module):
         """enc_out (N,P,C), enc_att (N,P,A) precomputed, h (N*k,D) -> awe (N*k,C), alpha (N*k,P)."""
         n, p, c = enc_out.shape
         dec = self.decoder_att(h).view(n, -1, 1, enc_att.shape[-1])  # (N, k, 1, A)
-        # Energies a block of regions at a time: the (N, k, P, A) sum is 64 MB at 32 images x 5 beams, and made
-        # whole it streams through DRAM three times (add, relu, full_att); blocks of ~56 KB per row stay in cache
-        # (the step group of bench/ measures it). Each energy is computed exactly as before.
+        # Energies a block of regions at a time, so that the (N, k, P, A) sum stays in cache instead of streaming
+        # through memory three times (add, relu, full_att); each energy is computed exactly as a whole would be.
         rows = max(1, ENERGY_BLOCK // enc_att.shape[-1])
         scores = torch.cat([self.full_att(self.relu(e.unsqueeze(1) + dec)).squeeze(-1)
                             for e in enc_att.split(rows, dim=1)], dim=-1)  # (N, k, P)

@@ -44,12 +44,6 @@ class Splits:
         return {s: len(self[s]) for s in SPLIT_NAMES}
 
 
-def load_karpathy_json(path: str | os.PathLike[str]) -> tuple[dict[str, list[str]], Splits]:
-    """Captions and splits from a Karpathy file, image names = ``filename`` (see :func:`read_karpathy`)."""
-    k = read_karpathy(path, use_filepath=False)
-    return k.captions, k.splits
-
-
 @dataclass
 class Karpathy:
     """What a Karpathy ``dataset_*.json`` holds: captions and splits by image name, and each image's id."""

@@ -79,7 +79,6 @@ _LOCATION = {
     (1, 0): "on the left", (1, 1): "in the middle", (1, 2): "on the right",
     (2, 0): "in the bottom left corner", (2, 1): "at the bottom", (2, 2): "in the bottom right corner",
 }
-_NUMBER = {1: "one", 2: "two", 3: "three"}
 
 _SYNTH_NAME_RE = re.compile(r"^\d{5,}\.jpg$")
 

@@ -167,9 +167,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # short). Precision comes from the hardware (--amp auto: bf16 only where the CPU runs it natively). Adam at 2e-3
     # for both parts (the encoder learns from scratch) with warm-up and cosine decay, light dropout, no random crop
     # (the captions name positions up to the image borders, which a crop can cut away). All 5 captions of each
-    # image are decoded on one encoder pass (a step costs 1.2x a one-caption step, and learns far more), and the
-    # batch is small (8 images per process): for the same images seen, twice the updates of a batch of 16 took
-    # held-out BLEU-4 from 0.80-0.86 to about 0.90.
+    # image are decoded on one encoder pass (a step costs little more than a one-caption step, and learns far more),
+    # and the batch is small (8 images per process): for the same images seen, more updates gave a better held-out
+    # BLEU-4 (docs/training.md).
     "demo": dict(
         model=dict(backbone="resnet18", image_size=96, encoded_size=3, attention_dim=256, embed_dim=256,
                    decoder_dim=256, dropout=0.1),

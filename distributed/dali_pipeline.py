@@ -1,9 +1,9 @@
 """The NVIDIA DALI image pipeline: file reader -> decode -> resize (+ random crop) -> normalize to CHW float.
 
-It follows the transform rule of ``core.data.ImageTransform`` exactly (the torch loader's rule):
+It follows the transform rule of ``core.images.ImageTransform`` exactly (the torch loader's rule):
 
     eval : resize the whole image to (S, S), aspect ratio not kept, linear filter with antialiasing;
-    train: resize to (S', S'), S' = core.data.train_resize_size(S) = round(1.125 S), then an S x S crop at a
+    train: resize to (S', S'), S' = core.images.train_resize_size(S) = round(1.125 S), then an S x S crop at a
            uniformly random integer offset; horizontal flip (p=0.5) only with hflip;
     then : x / 255 - ImageNet mean, / ImageNet std, per channel, CHW float32.
 

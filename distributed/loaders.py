@@ -1,7 +1,7 @@
 """Two loaders, one batch format: ``Batch(images [B,3,S,S] float32 normalized, captions [B,T] int64, lengths [B],
 indices [B])`` with the images on the training device.
 
-- ``torch``: ``DataLoader`` over ``core.data`` datasets (PIL decode + ``core.data.ImageTransform``) with a
+- ``torch``: ``DataLoader`` over ``core.data`` datasets (PIL decode + ``core.images.ImageTransform``) with a
   ``DistributedSampler``; workers, pinned memory on GPU.
 - ``dali``: ``distributed/dali_pipeline.py`` (JPEG decode on the GPU with one, else on the CPU), same transform rule.
 

@@ -20,8 +20,7 @@ def build_optimizer(model: CaptionModel, cfg: TrainConfig) -> torch.optim.Optimi
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     if encoder_params:
         groups.append({"params": encoder_params, "lr": cfg.encoder_lr, "name": "encoder"})
-    # The fused kernel updates every tensor in one pass (CPU and CUDA): 10 ms a step for the demo's 12.8M
-    # parameters where the default per-tensor loop took 54 ms (AVX2 kernels, one thread).
+    # The fused kernel updates every tensor in one pass (CPU and CUDA), several times faster than the per-tensor loop.
     return torch.optim.Adam(groups, fused=True)
 
 

@@ -118,7 +118,7 @@ def exif_rotated_jpeg() -> bytes:
 
 
 def valid_variants() -> dict[str, bytes]:
-    """Awkward files that ARE usable (converted by core.data.to_rgb's rules); a check must accept them."""
+    """Awkward files that ARE usable (converted by core.images.to_rgb's rules); a check must accept them."""
     p_transparent = _noise_image((32, 32), seed=8).convert("P")
     i16 = Image.frombytes("I;16", (24, 24), bytes(random.Random(9).randrange(256) for _ in range(24 * 24 * 2)))
     return {

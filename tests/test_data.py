@@ -14,7 +14,7 @@ from core.captions import DataFormatError, parse_token_file
 from core.data import CaptionTable, DatasetNotFoundError, EvalDataset, TrainDataset, caption_choice, \
     load_dataset
 from core.images import IMAGENET_MEAN, IMAGENET_STD, ImageLoadError, image_transform, load_image, train_resize_size
-from core.splits import Splits, load_karpathy_json, make_splits, random_splits
+from core.splits import Splits, make_splits, random_splits, read_karpathy
 from core.synthetic import generate
 from core.vocab import Vocabulary
 
@@ -28,6 +28,12 @@ TOKEN_TEXT = (
     "odd.jpg.1#0\tA name with a dot suffix , as in the real file\n"
     "b.jpg#2\tA brown dog\n"
 )
+
+
+def load_karpathy_json(path):
+    """Captions and splits from a Karpathy file, image names = ``filename``."""
+    k = read_karpathy(path, use_filepath=False)
+    return k.captions, k.splits
 
 
 @pytest.fixture(scope="module")

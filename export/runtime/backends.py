@@ -163,10 +163,8 @@ def _session_options(ort, threads: int | None):
     so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = int(threads)
-    # Idle pool threads sleep instead of spinning. The encoder and the step are two sessions with a pool each, used
-    # in turns with the search's Python in between: a spinning pool takes a core from the one that works. Measured
-    # back to back (2-core Zen 5, ResNet-101, beam 5): 1 image end to end fp32 210 -> 165 ms, int8 125 -> 73 ms;
-    # 32 images unchanged; a step timed alone in a loop is 10-20% slower (it loses the spin's quick wake-up).
+    # Idle pool threads sleep instead of spinning: the encoder and the step are two sessions used in turns, and a
+    # spinning pool takes a core from the one that works (docs/benchmarks.md has the figures).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3  # errors only: a CUDA fallback is reported by the backend, loudly
     return so
@@ -213,9 +211,8 @@ class OrtBackend(Backend):
         self.providers = got
         self.on_cuda = CUDA_EP in got
         self.device = torch.device("cuda", device_id) if self.on_cuda else torch.device("cpu")
-        # On CPU the model runs in ORT's thread pool and torch does only the search's small ops between runs;
-        # torch's OpenMP workers spin after each of them and take cores from ORT's pool (32 images, 2 cores:
-        # the int8 path 16% slower, fp32 4%). One torch thread leaves the cores to ORT.
+        # On CPU the model runs in ORT's pool and torch only does the search's small ops between runs: one torch
+        # thread, so that torch's spinning OpenMP workers leave the cores to ORT.
         self.search_threads = None if self.on_cuda else 1
         dims = self.manifest["dims"]
         self._v, self._d, self._p = dims["vocab_size"], dims["decoder_dim"], dims["num_pixels"]
