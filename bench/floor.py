@@ -82,7 +82,6 @@ def measure_bandwidth(megabytes: int = 512, repeats: int = 5) -> dict[str, float
             copy()
             best[name] = min(best[name], time.perf_counter() - t0)
     moved = 2 * src.numel() * src.element_size()
-    del src, dst, src_np, dst_np
     fastest = min(best, key=best.get)
     return {
         "bandwidth_GBps": moved / best[fastest] / 1e9,

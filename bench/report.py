@@ -34,7 +34,7 @@ if __package__ in (None, ""):  # run as a script (python bench/report.py): make 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import results
-from bench.rows import BACKEND_LABEL, _fmt_ms, _order, group_rows, label, load_rows
+from bench.rows import BACKEND_LABEL, fmt_ms, group_rows, label, load_rows, row_order
 from bench.targets import evaluate_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def group_table(rs: list[dict]) -> list[str]:
             rel = "1.00x (fastest)"
         else:
             rel = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-        cells = [label(r), _fmt_ms(r["median_ms"]), _fmt_ms(r["min_ms"]), str(r["rounds"]), rel]
+        cells = [label(r), fmt_ms(r["median_ms"]), fmt_ms(r["min_ms"]), str(r["rounds"]), rel]
         if kind.startswith(("caption", "beam", "encoder")) and images:
             cells.append(f"{images / (r['median_ms'] / 1e3):.1f}")
         cells.append(row_notes(r))
@@ -111,10 +111,10 @@ def row_notes(r: dict) -> str:
     if r["rounds"] > 1 and r["median_ms"] > 1.5 * r["min_ms"]:
         notes.append(f"**noisy**: median {r['median_ms'] / r['min_ms']:.1f}x the fastest round")
     if "floor_ms" in info:
-        notes.append(f"{r['median_ms'] / info['floor_ms']:.1f}x the memory floor ({_fmt_ms(info['floor_ms'])})")
+        notes.append(f"{r['median_ms'] / info['floor_ms']:.1f}x the memory floor ({fmt_ms(info['floor_ms'])})")
     if "compute_floor_ms" in info:
         per = info["compute_floor_ms"] / max(1, info.get("images", 1))
-        notes.append(f"{r['median_ms'] / info['compute_floor_ms']:.1f}x the compute floor ({_fmt_ms(per)}/image: "
+        notes.append(f"{r['median_ms'] / info['compute_floor_ms']:.1f}x the compute floor ({fmt_ms(per)}/image: "
                      f"{info['encoder_macs_per_image'] / 1e9:.2f} GMACs at a measured peak of {info['peak_GFLOPs']:.0f} G(FL)OP/s)")
     if "caption_agreement_vs_eager" in info:
         notes.append(f"captions = eager fp32: {info['caption_agreement_vs_eager']:.0%}"
@@ -156,7 +156,7 @@ def write_chart(rows: list[dict], path: Path, device: str = "cpu") -> bool:
         ax.tick_params(axis="x", labelsize=7)
         ref = next((r for r in rs if r["backend"] == "reference"), None)
         for j, r in enumerate(rs):
-            text = _fmt_ms(r["median_ms"])
+            text = fmt_ms(r["median_ms"])
             if ref and r is not ref:
                 text += f"  ({ref['median_ms'] / r['median_ms']:.1f}x)"
             ax.text(r["median_ms"], j, " " + text, va="center", fontsize=7)
@@ -244,10 +244,10 @@ def floor_section(rows: list[dict], tag: str) -> list[str]:
              "measured in this run (large array copy, bytes read + written over time). The bytes count fp32 weights: "
              "the int8 step reads about a quarter of the weight bytes, so its own floor is lower than the one shown.", "",
              "| group | bytes read | of which weights | floor | backend | median | multiple of floor |", "|---|---|---|---|---|---|---|"]
-    for r in sorted(steps, key=lambda r: (r["kind"], _order(r))):
+    for r in sorted(steps, key=lambda r: (r["kind"], row_order(r))):
         i = r["info"]
-        lines.append(f"| {r['group']} | {i['bytes_read'] / 1e6:.1f} MB | {i['bytes_weights'] / 1e6:.1f} MB | {_fmt_ms(i['floor_ms'])} | "
-                     f"{BACKEND_LABEL.get(r['backend'], r['backend'])} | {_fmt_ms(r['median_ms'])} | {r['median_ms'] / i['floor_ms']:.1f}x |")
+        lines.append(f"| {r['group']} | {i['bytes_read'] / 1e6:.1f} MB | {i['bytes_weights'] / 1e6:.1f} MB | {fmt_ms(i['floor_ms'])} | "
+                     f"{BACKEND_LABEL.get(r['backend'], r['backend'])} | {fmt_ms(r['median_ms'])} | {r['median_ms'] / i['floor_ms']:.1f}x |")
     return lines + [""]
 
 

@@ -50,7 +50,7 @@ def label(row: dict) -> str:
     return BACKEND_LABEL.get(row["backend"], row["backend"])
 
 
-def _fmt_ms(ms: float) -> str:
+def fmt_ms(ms: float) -> str:
     if ms >= 1000:
         return f"{ms / 1000:.2f} s"
     if ms >= 10:
@@ -58,7 +58,7 @@ def _fmt_ms(ms: float) -> str:
     return f"{ms:.2f} ms"
 
 
-def _order(row: dict) -> tuple:
+def row_order(row: dict) -> tuple:
     b = row["backend"]
     return (BACKEND_ORDER.index(b) if b in BACKEND_ORDER else len(BACKEND_ORDER), row["name"])
 
@@ -67,7 +67,7 @@ def group_rows(rows: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for r in sorted(rows, key=lambda r: (KIND_ORDER.index(r["kind"]) if r["kind"] in KIND_ORDER else 99, r["group"])):
         groups.setdefault(r["group"], []).append(r)
-    return {g: sorted(rs, key=_order) for g, rs in groups.items()}
+    return {g: sorted(rs, key=row_order) for g, rs in groups.items()}
 
 
 def find(rows: list[dict], kind: str, backend: str, device: str = "cpu") -> dict | None:

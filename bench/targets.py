@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.rows import BACKEND_LABEL, CFG_IMAGES, _fmt_ms, find, speedup
+from bench.rows import BACKEND_LABEL, CFG_IMAGES, fmt_ms, find, speedup
 
 
 def _per_image_encoder_ms(rows: list[dict], backend: str) -> float | None:
@@ -46,9 +46,9 @@ def _e2e_why(rows: list[dict]) -> list[str]:
     enc_ms = _per_image_encoder_ms(rows, "ort")
     if e2e and enc_ms:
         n = e2e["info"]["images"]
-        why.append(f"ORT's fp32 encoder alone needs {_fmt_ms(n * enc_ms)} for {n} images (encoder group: "
-                   f"{_fmt_ms(enc_ms)} per image), {n * enc_ms / e2e['median_ms']:.0%} of its end-to-end median"
-                   + (f"; beam search alone takes {_fmt_ms(beam['median_ms'])}" if beam else ""))
+        why.append(f"ORT's fp32 encoder alone needs {fmt_ms(n * enc_ms)} for {n} images (encoder group: "
+                   f"{fmt_ms(enc_ms)} per image), {n * enc_ms / e2e['median_ms']:.0%} of its end-to-end median"
+                   + (f"; beam search alone takes {fmt_ms(beam['median_ms'])}" if beam else ""))
         if beam:
             parts = n * enc_ms + beam["median_ms"]
             if e2e["median_ms"] > 1.5 * parts:
@@ -71,8 +71,8 @@ def _step_targets(rows: list[dict], out: Targets) -> None:
     why = ""
     if step and beam:
         steps = beam["info"].get("max_len", 20)
-        why = (f"{steps} ORT steps of {step['info'].get('rows', '?')} rows take {_fmt_ms(steps * step['median_ms'])} of the "
-               f"{_fmt_ms(beam['median_ms'])} (decoder-step group); the rest is the search's own bookkeeping")
+        why = (f"{steps} ORT steps of {step['info'].get('rows', '?')} rows take {fmt_ms(steps * step['median_ms'])} of the "
+               f"{fmt_ms(beam['median_ms'])} (decoder-step group); the rest is the search's own bookkeeping")
     out.add("beam search alone, 32 x 5: ORT vs reference", _x(s), ">= 12x", s is not None and s >= 12, why)
     r = find(rows, "step_small", "ort")
     mult = r["median_ms"] / r["info"]["floor_ms"] if r and r["info"].get("floor_ms") else None

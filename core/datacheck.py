@@ -283,36 +283,75 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
     for unusable input.
     """
     root = Path(root)
-    kpath = Path(karpathy_json) if karpathy_json is not None else None
     if not root.is_dir():
         raise DataCheckError(f"dataset directory {root} does not exist")
     limits = _Limits(min_side, max_aspect, core.images.MAX_PIXELS if max_pixels is None else max_pixels)
-    if _token_layout(root, dataset, kpath):
-        images_dir, token = root / IMAGES_DIR, root / TOKEN_FILE
-        if not images_dir.is_dir():
-            raise DataCheckError(f"no {IMAGES_DIR}/ folder in {root}")
-        if not token.is_file():
-            raise DataCheckError(f"no caption file {token}")
-        try:
-            caps = _scan_captions(token)
-        except OSError as e:
-            raise DataCheckError(f"cannot read {token}: {e.strerror or e}") from e
-        if not caps.first_line and not caps.problems:
-            raise DataCheckError(f"{token}: no captions found (empty file?)")
-    else:
-        caps, images_dir = _scan_karpathy(root, dataset, kpath)
-    # The folders that hold captioned images, each listed once: the image folder itself (Images/,
-    # flickr30k-images/; not COCO's, which is the dataset root) and the sub-folders the captions name (train2014/,
-    # val2014/), never one outside the image folder ("../x.jpg" is a missing image).
-    def inside(folder: str) -> bool:
-        return not os.path.isabs(folder) and ".." not in Path(folder).parts
+    caps, images_dir = _read_captions(root, dataset, Path(karpathy_json) if karpathy_json is not None else None)
+    listing = _list_images(root, images_dir, caps)
+    problems, skip = list(caps.problems), {}
+    _check_missing(caps, listing, problems, skip)
+    results = _check_images(images_dir, listing.names, limits, workers or _default_workers())
+    for name, result in zip(listing.names, results):
+        rel = listing.shown(name)
+        if result is not None:
+            kind, message = result
+            problems.append(Problem(rel, None, kind, message))
+            skip.setdefault(name, []).append(f"{kind}: {message}")
+        if name not in caps.first_line:
+            problems.append(Problem(rel, None, "no-captions", f"no caption of {caps.file} names {name}"))
+            skip.setdefault(name, []).append("no-captions")
+    problems.sort(key=lambda p: (p.path, p.line or 0, p.kind))
+    listed = ", ".join(listing.shown(f) + "/" for f in listing.folders) or f"{IMAGES_DIR}/"
+    return CheckReport(root=root, problems=problems, skip=sorted(skip),
+                       skip_reasons={n: "; ".join(skip[n]) for n in sorted(skip)},
+                       bad_lines=sorted(caps.bad_lines), listing_hash=dataset_listing_hash(root),
+                       num_images=len(listing.names), num_caption_lines=caps.lines, num_ignored=listing.ignored,
+                       image_folders=listed)
 
-    def shown(name: str) -> str:  # a path in the messages, relative to the dataset root
-        return os.path.relpath(images_dir / name, root)
 
+def _read_captions(root: Path, dataset: str, kpath: Path | None):
+    """(caption scan, image folder) of the layout training would read (the token file or a Karpathy file)."""
+    if not _token_layout(root, dataset, kpath):
+        return _scan_karpathy(root, dataset, kpath)
+    images_dir, token = root / IMAGES_DIR, root / TOKEN_FILE
+    if not images_dir.is_dir():
+        raise DataCheckError(f"no {IMAGES_DIR}/ folder in {root}")
+    if not token.is_file():
+        raise DataCheckError(f"no caption file {token}")
+    try:
+        caps = _scan_captions(token)
+    except OSError as e:
+        raise DataCheckError(f"cannot read {token}: {e.strerror or e}") from e
+    if not caps.first_line and not caps.problems:
+        raise DataCheckError(f"{token}: no captions found (empty file?)")
+    return caps, images_dir
+
+
+def _inside(folder: str) -> bool:
+    """A folder named by a caption that stays inside the image folder ("../x.jpg" is a missing image)."""
+    return not os.path.isabs(folder) and ".." not in Path(folder).parts
+
+
+@dataclass
+class _Listing:
+    root: Path
+    images_dir: Path
+    folders: list[str]  # the folders listed, relative to the image folder
+    names: list[str]  # the images to check
+    on_disk: set[str]  # what core.data.load_dataset sees
+    ignored: int
+
+    def shown(self, name: str) -> str:  # a path in the messages, relative to the dataset root
+        return os.path.relpath(self.images_dir / name, self.root)
+
+
+def _list_images(root: Path, images_dir: Path, caps) -> _Listing:
+    """The folders that hold captioned images, each listed once: the image folder itself (Images/,
+    flickr30k-images/; not COCO's, which is the dataset root) and the sub-folders the captions name (train2014/,
+    val2014/), never one outside the image folder."""
     named = {os.path.dirname(n) for n in caps.first_line} | ({""} if images_dir != root else set())
-    folders = sorted(f for f in named if inside(f))
-    files, on_disk, ignored = set(), set(), 0  # on_disk: what core.data.load_dataset sees
+    folders = sorted(f for f in named if _inside(f))
+    files, on_disk, ignored = set(), set(), 0
     for folder in folders:
         if (images_dir / folder).is_dir():
             f, d, i = _image_files(images_dir, folder)
@@ -322,34 +361,16 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
         if name in on_disk and name not in files:
             files.add(name)
             ignored -= 1
-    names = sorted(files)
+    return _Listing(root, images_dir, folders, sorted(files), on_disk, ignored)
 
-    problems = list(caps.problems)
-    skip: dict[str, list[str]] = {}
+
+def _check_missing(caps, listing: _Listing, problems: list[Problem], skip: dict[str, list[str]]) -> None:
+    """A missing-image problem for each captioned name that is not a file of the listed folders."""
     for name, lineno in caps.first_line.items():
-        if name not in on_disk:
-            folder = shown(os.path.dirname(name) if inside(os.path.dirname(name)) else "") + "/"
+        if name not in listing.on_disk:
+            folder = listing.shown(os.path.dirname(name) if _inside(os.path.dirname(name)) else "") + "/"
             problems.append(Problem(caps.file, lineno, "missing-image", f"{name!r} is not a file in {folder}"))
             skip.setdefault(name, []).append(f"missing-image: not a file in {folder}")
-
-    results = _check_images(images_dir, names, limits, workers or _default_workers())
-    for name, result in zip(names, results):
-        rel = shown(name)
-        if result is not None:
-            kind, message = result
-            problems.append(Problem(rel, None, kind, message))
-            skip.setdefault(name, []).append(f"{kind}: {message}")
-        if name not in caps.first_line:
-            problems.append(Problem(rel, None, "no-captions", f"no caption of {caps.file} names {name}"))
-            skip.setdefault(name, []).append("no-captions")
-
-    problems.sort(key=lambda p: (p.path, p.line or 0, p.kind))
-    listed = ", ".join(shown(f) + "/" for f in folders) or f"{IMAGES_DIR}/"
-    return CheckReport(root=root, problems=problems, skip=sorted(skip),
-                       skip_reasons={n: "; ".join(skip[n]) for n in sorted(skip)},
-                       bad_lines=sorted(caps.bad_lines), listing_hash=dataset_listing_hash(root),
-                       num_images=len(names), num_caption_lines=caps.lines, num_ignored=ignored,
-                       image_folders=listed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Shared fixtures.
+"""Shared fixtures, and the layout of the tests.
+
+Tests are grouped by concern: ``unit/`` (one module or function, seconds), ``integration/`` (commands and pieces
+end to end: training, export, runtime, server, benchmarks; every test there is marked ``slow``, added below),
+``robustness/`` (bad inputs, damaged files, limits), ``support/`` (helpers shared by tests, no tests). The
+multi-node tests stay at this level for now. ``-m "not slow"`` runs the quick part.
 
 - ``synthetic_data``: a tiny synthetic dataset in the Flickr8k layout (48 images of 64 px, 5 captions each;
   random split 38 train / 5 val / 5 test), generated once per session with ``core.synthetic``. Read-only: copy it
@@ -32,6 +37,16 @@ FAULT_TRAIN = REPO / "tests" / "fault_train.py"  # the same trainer with faults 
 
 SYNTHETIC_IMAGES = 48
 SYNTHETIC_SIZE = 64
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test under tests/integration/ is ``slow`` unless it says otherwise (its module needs no marker)."""
+    for item in items:
+        if INTEGRATION in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
+
 
 TINY_MODEL = dict(backbone="resnet18", encoded_size=2, image_size=64, attention_dim=16, embed_dim=8, decoder_dim=16)
 TINY_CAPTIONS = ["a red circle", "a blue square above a red circle", "two shapes"]
