@@ -15,7 +15,9 @@ usage() {
 usage: ./launch.sh COMMAND [ARGS...]
 
   setup            create .venv and install the toolkit with its dev extras (idempotent)
-  test [ARGS]      run the test suite (pytest tests/; ARGS go to pytest, e.g. -m "not slow")
+  test [ARGS]      run the test suite (pytest tests/: unit, integration, robustness; the import rules and ruff
+                   are tests too; ARGS go to pytest, e.g. -m "not slow" or tests/unit)
+  docs             build the docs site into site/ (python -m mkdocs build --strict)
   demo             the main job end to end on synthetic data: generate, train (2 CPU processes), export, caption
   train [ARGS]     torchrun distributed/train.py with NPROC processes (default: #GPUs, else 2); ARGS pass through;
                    one node, its rendezvous stores listening on 127.0.0.1 only (distributed/localrun.py)
@@ -103,6 +105,7 @@ case "$cmd" in
     help|-h|--help) usage ;;
     setup) setup; echo "[launch] environment ready: $VENV" ;;
     test) setup; exec "$PY" -m pytest tests "$@" ;;
+    docs) setup; NO_MKDOCS_2_WARNING=1 exec "$PY" -m mkdocs build --strict --site-dir site ;;
     train)
         setup
         NPROC="${NPROC:-$(nproc_default)}"
