@@ -11,7 +11,7 @@ import torch
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:
-    """The machine as the report names it: core.hardware's detection, software versions, threads, load."""
+    """A dict for the report's machine section (JSON-serializable)."""
     import numpy as np
 
     from core import hardware

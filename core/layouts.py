@@ -160,7 +160,7 @@ def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None, s
     The directory is the positional DATA_DIR, or the required option ``data_flag`` (e.g. ``"--data"``); either
     way it lands in ``args.data_dir``. ``core.data.load_from_args`` loads what they name.
     """
-    where = "dataset root (layouts: python -m core.layouts, or the README)"
+    where = "dataset root (layouts: python -m core.layouts, or docs/data.md)"
     if data_flag:
         p.add_argument(data_flag, dest="data_dir", type=Path, required=True, help=where)
     else:

@@ -19,7 +19,7 @@ timeout, all of them inside one budget (default 460 s, so the command ends withi
 
 It prints a markdown table (check, status, seconds, detail), writes it with every step's log under the work
 directory (default runs/gpu-check/<time>/), and exits 1 if a check failed, else 0.
-Without a CUDA GPU nothing is checked: one line "gpu-check: SKIPPED: ..." and exit 0 (see README, "GPU check").
+Without a CUDA GPU nothing is checked: one line "gpu-check: SKIPPED: ..." and exit 0 (see docs/hardware.md, "GPU check").
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def check_preflight(ctx: Ctx, hw) -> str:
     import torch
 
     missing = [m for m in MODULES if _find_spec(m) is None]
-    problems = [f"missing modules: {', '.join(missing)} (bring their wheels: README, 'GPU check')"] if missing else []
+    problems = [f"missing modules: {', '.join(missing)} (bring their wheels: docs/hardware.md, 'GPU check')"] if missing else []
     if not hw.ort_cuda:
         problems.append("ONNX Runtime CUDA provider does not work: " + "; ".join(hw.notes))
     if problems:

@@ -29,8 +29,6 @@ import torch
 
 from core import hardware
 from core.cli import positive_int
-from export.runtime.backends import Backend, Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
-from export.runtime.captioner import Captioner
 from export.manifest import (
     DEFAULT_MAX_LEN,
     ENCODER_INT8_ONNX,
@@ -40,6 +38,8 @@ from export.manifest import (
     check_pinned,
     read_manifest,
 )
+from export.runtime.backends import Backend, Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
+from export.runtime.captioner import Captioner
 
 BACKENDS = ("ort", "torchscript", "eager")
 PRECISIONS = (*hardware.PRECISIONS, "fp16")  # fp16: the fp16 graphs, ONNX Runtime on CUDA
@@ -57,7 +57,7 @@ def int8_record(manifest: dict | None) -> dict | None:
 def resolve_precision(requested: str, path: Path, backend: str, device: str | None) -> hardware.Choice:
     """--precision of a backend and export, through core.hardware.choose_precision; logged with its reason."""
     if requested not in hardware.PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+        raise ValueError(f"precision must be one of {', '.join(hardware.PRECISIONS)}, got {requested!r}")
     if backend != "ort":
         if requested == "int8":
             raise ValueError(f"int8/fp16 graphs are ONNX only; the {backend} backend runs fp32 (or --precision bf16)")
@@ -92,7 +92,8 @@ def load_backend(name: str, path: str | os.PathLike, *, providers=None, threads:
 
     eager + directory: the export's model.safetensors (written by export/to_onnx.py unless --no-safetensors),
     or a directory holding only model.safetensors + model.json (core.checkpoint.save_safetensors).
-    ``precision``: fp32 | int8 | bf16 | fp16 | auto (module docstring). The backend's ``precision`` attribute holds the choice (a core.hardware.Choice).
+    ``precision``: fp32 | int8 | bf16 | fp16 | auto (module docstring). The backend's ``precision`` attribute holds
+    the choice (a core.hardware.Choice).
     ``expect_sha256``: refuse unless manifest.json (or the checkpoint file) has this sha256 (export/manifest.py).
     """
     path = Path(path)
