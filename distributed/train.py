@@ -139,6 +139,15 @@ def resume(trainee: Trainee, path: Path, cfg: TrainConfig, vocab: Vocabulary, en
         trainee.scaler.load_state_dict(saved["scaler"])
     restore_scheduler(trainee.scheduler, saved, cfg, env)
     state = TrainState(**saved["train_state"], history=saved.get("history", []))
+    saved_world = int(saved.get("world_size") or env.world_size)
+    if saved_world != env.world_size and state.batches_done:
+        # Batch b of every rank covers positions [b*B*W, (b+1)*B*W) of the epoch's one permutation
+        # (DistributedSampler), so the same samples done is a batch count scaled by W_old / W_new (rounded down:
+        # at most one batch of samples is seen twice).
+        done = state.batches_done * saved_world // env.world_size
+        warn0(env, f"mid-epoch position: batch {state.batches_done} of {saved_world} process(es) = batch {done} "
+                   f"of {env.world_size}")
+        state.batches_done = done
     rngs = saved.get("rng") or []
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
@@ -368,8 +377,11 @@ def final_evaluation(model: CaptionModel, data: Flickr8k, vocab: Vocabulary, cfg
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="distributed/train.py", description=__doc__)
-    env = setup_distributed(threads=cfg.threads)
+    env = setup_distributed(threads=cfg.threads, timeout_s=cfg.dist_timeout)
     log = setup_logging("train", verbosity_from(argv), env.rank, env.world_size, info_stream=sys.stdout)
+    if env.round_id:
+        print0(env, f"process group: {env.world_size} processes, store namespace {env.round_id} of this round "
+                    f"(node restarts: {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
     code = 0
     try:
         run(cfg, env)
