@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from core.hardware import cpu_cores
 from core.logs import get_logger
-from distributed.round_store import join_round
+from distributed.round_store import join_round, node_replacement_warning
 
 LOG = get_logger("train")
 
@@ -87,6 +87,15 @@ def print0(env: DistEnv, message: str) -> None:
 def warn0(env: DistEnv, message: str) -> None:
     if env.is_main:
         LOG.warning(f"warning: {message}")
+
+
+def log_round(env: DistEnv) -> None:
+    """Rank 0 says which round of a torchrun job this is (its store namespace), and what a replaced node needs."""
+    if env.round_id:
+        print0(env, f"process group: {env.world_size} processes, store namespace {env.round_id} of this round "
+                    f"(this node's restarts: {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
+        if warning := node_replacement_warning():
+            warn0(env, warning)
 
 
 def barrier() -> None:

@@ -20,6 +20,7 @@ namespace. Each side waits with a deadline and names what it waited for.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from datetime import timedelta
@@ -96,3 +97,17 @@ def _follow(store: dist.Store, rank: int, deadline: float, timeout: timedelta) -
     store.delete_key(key)
     store.set(_ack(round_id, rank), "1")
     return round_id
+
+
+def node_replacement_warning() -> str | None:
+    """What to set so that a node can be replaced, when this multi-node job runs on torchrun's shared worker store.
+
+    With the store shared (torchrun's default), only the first round's rank-0 agent publishes the master address; an
+    agent that joins later (a replaced node) waits for it until the rendezvous's read timeout (60 s by default) and
+    the job ends. With ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` on every agent, each round publishes its own and
+    the new node joins (tests/test_multinode.py, torch 2.14)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or int(os.environ.get("GROUP_WORLD_SIZE", 1)) < 2:
+        return None
+    return ("this multi-node job uses torchrun's shared worker store: a restarted worker recovers, but a node "
+            "replaced by a new agent cannot join (the job ends after the rendezvous read timeout); set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 on every node's torchrun to allow it")

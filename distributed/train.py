@@ -45,7 +45,7 @@ from core.vocab import Vocabulary
 from distributed.checkpoint import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
                                     seed_everything, set_rng_state, tensors_fit)
 from distributed.config import TrainConfig, parse_config
-from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
+from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, log_round, print0, \
     setup_distributed, warn0
 from distributed.evaluate import coco_results, coco_test_metrics, evaluate, validate
 from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
@@ -379,9 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="distributed/train.py", description=__doc__)
     env = setup_distributed(threads=cfg.threads, timeout_s=cfg.dist_timeout)
     log = setup_logging("train", verbosity_from(argv), env.rank, env.world_size, info_stream=sys.stdout)
-    if env.round_id:
-        print0(env, f"process group: {env.world_size} processes, store namespace {env.round_id} of this round "
-                    f"(node restarts: {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
+    log_round(env)
     code = 0
     try:
         run(cfg, env)

@@ -158,6 +158,7 @@ def test_a_killed_worker_restarts_the_round_and_the_job_resumes_from_the_last_ch
     log = _finish_all(nodes, hashes, epochs=4)
     seconds, resumed_step = _recovery(nodes, killed_at)
     assert resumed_step >= step and "2 process(es)" in log
+    assert "a node replaced by a new agent cannot join" in log  # the default shared store: the workers say so
     print(f"recovery: {seconds:.1f}s from the kill to training again (resumed at step {resumed_step})")
 
 
@@ -211,3 +212,25 @@ def test_a_restart_that_finds_a_checkpoint_of_another_world_size_keeps_its_place
     assert "processes: 1 (checkpoint) vs 2 (now)" in log
     assert "batch 2 of 1 process(es) = batch 1 of 2" in log, log[-4000:]
     assert load_checkpoint(out / "last.pt")["step"] == 2 + (3 - 1) + 3  # the rest of epoch 1, then all of epoch 2
+
+
+
+def test_a_replaced_node_joins_the_job_when_each_round_has_its_own_store(synthetic_data, tmp_path, out):
+    """Node 1 dies whole (its agent and worker SIGKILLed) and a new agent takes its place. With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every round publishes its master address, so the new agent joins the next
+    round and the job resumes. (With torchrun's default shared store it cannot: the new agent waits for an address
+    only the first round published, until the rendezvous read timeout ends the job; the workers warn about it.)"""
+    hashes = tmp_path / "hashes"
+    port = _free_port()
+    env = {"FAULT_PARAM_HASH_DIR": str(hashes), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    nodes = [Node(rank, port, synthetic_data, out, "--epochs", "4", "--save-every", "2", env=env) for rank in (0, 1)]
+    step = _first_checkpoint_step(out, nodes)
+    replaced_at = time.monotonic()
+    for pid in _descendants(nodes[1].proc.pid):
+        os.kill(pid, signal.SIGKILL)
+    nodes[1].proc.wait()
+    nodes[1] = Node(1, port, synthetic_data, out, "--epochs", "4", "--save-every", "2", env=env)
+    log = _finish_all(nodes, hashes, epochs=4)
+    seconds, resumed_step = _recovery(nodes, replaced_at)
+    assert resumed_step >= step and "shared worker store" not in log
+    print(f"recovery: {seconds:.1f}s from the node's death to training again (resumed at step {resumed_step})")
