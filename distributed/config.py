@@ -105,6 +105,9 @@ class TrainConfig:
                                  "stop with the final evaluation (0: no limit). --max-steps sets the work; this only "
                                  "bounds the wall time on a slow or busy machine")
     save_every: int = _f(0, "also write last.pt every N optimizer steps (0: at the end of each epoch only)")
+    dist_timeout: float = _f(1800.0, "seconds a process waits for the others (meeting them after a (re)start, every "
+                                     "collective) before it fails; torchrun then restarts the round "
+                                     "(--max-restarts), so a hung or stopped process costs this long, not forever")
     resume: str = _f("auto", "auto (newest loadable checkpoint in --out, if any), none, or a checkpoint PATH")
     progress: bool = _f(True, "progress on rank 0: a bar on a terminal, else a line every --log-every steps")
     log_every: int = _f(50, "progress line every N optimizer steps when stderr is not a terminal (0: none)")
@@ -119,6 +122,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.max_caption_len < 3:
             raise ValueError(f"max_caption_len must be >= 3, got {self.max_caption_len}")
         if self.lr_schedule == "cosine" and self.max_steps < 1:

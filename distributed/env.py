@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from core.hardware import cpu_cores
 from core.logs import get_logger
+from distributed.round_store import join_round, node_replacement_warning
 
 LOG = get_logger("train")
 
@@ -34,19 +35,21 @@ class DistEnv:
     local_world_size: int
     device: torch.device
     is_main: bool
+    round_id: str = ""  # the process group's store namespace in this torchrun round (round_store)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
 
-def setup_distributed(backend: str | None = None, threads: int = 0, timeout_min: float = 30.0) -> DistEnv:
+def setup_distributed(backend: str | None = None, threads: int = 0, timeout_s: float = 1800.0) -> DistEnv:
     """Join the process group torchrun set up (if any) and pick this process's device.
 
     CUDA: NCCL, device cuda:LOCAL_RANK. CPU: gloo, and the cores are shared out between the local processes
     (``torch.set_num_threads(max(1, cores // LOCAL_WORLD_SIZE))``). ``backend`` overrides the choice ("gloo" on a
     GPU machine runs on the CPU). ``threads`` > 0 sets the CPU thread count explicitly (more threads than free
-    cores is very slow: the threads spin waiting for each other).
+    cores is very slow: the threads spin waiting for each other). ``timeout_s`` bounds every wait for the other
+    ranks (meeting them, each collective): a rank that hangs ends the round with an error, and torchrun restarts it.
     """
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -59,32 +62,20 @@ def setup_distributed(backend: str | None = None, threads: int = 0, timeout_min:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(threads or max(1, cpu_cores() // local_world_size))
+    round_id = ""
     if world_size > 1 and not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_min)
+        timeout = timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+        store, round_id = join_round(store, rank, world_size, timeout)  # why: distributed/round_store.py
         dist.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"),
+            store=store,
+            rank=rank,
+            world_size=world_size,
             timeout=timeout,
             device_id=device if use_cuda else None,
-            **_restart_safe_store(rank, world_size, timeout),
         )
-    return DistEnv(rank, local_rank, world_size, local_world_size, device, rank == 0)
-
-
-def _restart_safe_store(rank: int, world_size: int, timeout: timedelta) -> dict[str, Any]:
-    """After a torchrun restart, a store namespace of its own for this attempt.
-
-    torchrun's rendezvous store outlives the workers it restarts (TCP store sharing, the default), and the
-    process group's keys are not namespaced by attempt: a restarted rank could read the address a dead rank of the
-    previous attempt published and fail with "Gloo connectFullMesh failed ... Connection refused" (or hang). The
-    first attempt uses the plain env:// path; later ones prefix every key with the restart count.
-    """
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restart == 0 or "MASTER_ADDR" not in os.environ:
-        return {}
-    from torch.distributed import PrefixStore, rendezvous
-
-    store, _, _ = next(rendezvous("env://", rank, world_size, timeout=timeout))
-    return {"store": PrefixStore(f"sat_restart_{restart}", store), "rank": rank, "world_size": world_size}
+    return DistEnv(rank, local_rank, world_size, local_world_size, device, rank == 0, round_id)
 
 
 def print0(env: DistEnv, message: str) -> None:
@@ -96,6 +87,15 @@ def print0(env: DistEnv, message: str) -> None:
 def warn0(env: DistEnv, message: str) -> None:
     if env.is_main:
         LOG.warning(f"warning: {message}")
+
+
+def log_round(env: DistEnv) -> None:
+    """Rank 0 says which round of a torchrun job this is (its store namespace), and what a replaced node needs."""
+    if env.round_id:
+        print0(env, f"process group: {env.world_size} processes, store namespace {env.round_id} of this round "
+                    f"(this node's restarts: {os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')})")
+        if warning := node_replacement_warning():
+            warn0(env, warning)
 
 
 def barrier() -> None:

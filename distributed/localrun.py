@@ -9,7 +9,7 @@ store and the store the workers share) to 127.0.0.1 and then runs torchrun itsel
     python -m distributed.localrun --nproc_per_node=2 distributed/train.py --data DATA --out OUT
 
 Every torchrun flag is accepted except the rendezvous ones, which are fixed to one node on this machine.
-Multi-node jobs use torchrun's own c10d rendezvous (README, "Multi-node").
+Multi-node jobs use torchrun's own c10d rendezvous (docs/multinode.md).
 """
 
 from __future__ import annotations

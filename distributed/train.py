@@ -45,7 +45,7 @@ from core.vocab import Vocabulary
 from distributed.checkpoint import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
                                     seed_everything, set_rng_state, tensors_fit)
 from distributed.config import TrainConfig, parse_config
-from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, print0, \
+from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, log_round, print0, \
     setup_distributed, warn0
 from distributed.eval_loop import coco_results, coco_test_metrics, evaluate, validate
 from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
@@ -139,6 +139,15 @@ def resume(trainee: Trainee, path: Path, cfg: TrainConfig, vocab: Vocabulary, en
         trainee.scaler.load_state_dict(saved["scaler"])
     restore_scheduler(trainee.scheduler, saved, cfg, env)
     state = TrainState(**saved["train_state"], history=saved.get("history", []))
+    saved_world = int(saved.get("world_size") or env.world_size)
+    if saved_world != env.world_size and state.batches_done:
+        # Batch b of every rank covers positions [b*B*W, (b+1)*B*W) of the epoch's one permutation
+        # (DistributedSampler), so the same samples done is a batch count scaled by W_old / W_new (rounded down:
+        # at most one batch of samples is seen twice).
+        done = state.batches_done * saved_world // env.world_size
+        warn0(env, f"mid-epoch position: batch {state.batches_done} of {saved_world} process(es) = batch {done} "
+                   f"of {env.world_size}")
+        state.batches_done = done
     rngs = saved.get("rng") or []
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
@@ -368,8 +377,9 @@ def final_evaluation(model: CaptionModel, data: CaptionDataset, vocab: Vocabular
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv, prog="distributed/train.py", description=__doc__)
-    env = setup_distributed(threads=cfg.threads)
+    env = setup_distributed(threads=cfg.threads, timeout_s=cfg.dist_timeout)
     log = setup_logging("train", verbosity_from(argv), env.rank, env.world_size, info_stream=sys.stdout)
+    log_round(env)
     code = 0
     try:
         run(cfg, env)

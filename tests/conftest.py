@@ -2,15 +2,15 @@
 
 Tests are grouped by concern: ``unit/`` (one module or function, seconds), ``integration/`` (commands and pieces
 end to end: training, export, runtime, server, benchmarks; every test there is marked ``slow``, added below),
-``robustness/`` (bad inputs, damaged files, limits), ``support/`` (helpers shared by tests, no tests). The
-multi-node tests stay at this level for now. ``-m "not slow"`` runs the quick part.
+``robustness/`` (bad inputs, damaged files, limits), ``support/`` (helpers shared by tests, no tests; the
+fault-injecting trainer). ``-m "not slow"`` runs the quick part.
 
 - ``synthetic_data``: a tiny synthetic dataset in the Flickr8k layout (48 images of 64 px, 5 captions each;
   random split 38 train / 5 val / 5 test), generated once per session with ``core.synthetic``. Read-only: copy it
   before changing anything in it.
 - ``run_train``: runs ``distributed/train.py`` in a subprocess (plain Python, or ``torchrun`` with ``nproc``)
   with the ``tiny`` preset and one CPU thread per process, and returns the CompletedProcess; ``FAULT_*`` variables
-  in ``env`` run it through ``tests/fault_train.py``, which injects those faults.
+  in ``env`` run it through ``tests/support/fault_train.py``, which injects those faults.
 - ``one_thread``: torch runs on one intra-op thread during the test (spinning OpenMP threads on shared cores cost
   several times the wall time); ``pytestmark = pytest.mark.usefixtures("one_thread")`` for a whole module.
 - ``tiny_model_config(vocab_size, **overrides)``: the ``ModelConfig`` of a tiny model (ResNet-18 at 64 px, 2x2
@@ -33,7 +33,7 @@ from core.vocab import Vocabulary
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "distributed" / "train.py"
-FAULT_TRAIN = REPO / "tests" / "fault_train.py"  # the same trainer with faults injected (FAULT_* variables)
+FAULT_TRAIN = REPO / "tests" / "support" / "fault_train.py"  # the same trainer with faults injected (FAULT_* variables)
 
 SYNTHETIC_IMAGES = 48
 SYNTHETIC_SIZE = 64

@@ -1,6 +1,6 @@
 """distributed/train.py with faults injected from outside: the test-only entry point of the fault tests.
 
-    FAULT_NAN_AT_STEP=3 python tests/fault_train.py --data D --out O ...      # (or under torchrun)
+    FAULT_NAN_AT_STEP=3 python tests/support/fault_train.py --data D --out O ...      # (or under torchrun)
 
 The trainer has no test hooks; this script patches the functions it calls, then runs its ``main()``:
 
@@ -9,6 +9,7 @@ The trainer has no test hooks; this script patches the functions it calls, then 
                            (a global optimizer step post-hook)
     FAULT_CRASH_IN_SAVE=k  rank 0 dies halfway through writing its k-th checkpoint file (``Checkpointer.writer``)
     FAULT_PARAM_HASH_DIR=D after training, each rank writes D/rank<r>.txt: a hash of its weights and buffers
+    FAULT_START_DELAY=s    sleep s seconds before joining the process group, on every attempt (a slow node)
 
 Crash faults fire on the first attempt only (TORCHELASTIC_RESTART_COUNT unset or 0), so a restarted job recovers.
 """
@@ -20,10 +21,11 @@ import io
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (python tests/fault_train.py): make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a script (python tests/support/fault_train.py): make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -129,5 +131,8 @@ def install() -> None:
 
 
 if __name__ == "__main__":
+    if ENV.get("FAULT_START_DELAY"):
+        _say(f"starting {ENV['FAULT_START_DELAY']}s late (attempt {ENV.get('TORCHELASTIC_RESTART_COUNT', '0')})")
+        time.sleep(float(ENV["FAULT_START_DELAY"]))
     install()
     sys.exit(train.main())

@@ -16,26 +16,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.processes import descendants
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to list sockets")]
 
 
-def _descendants(root: int) -> set[int]:
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        parents[int(stat.parent.name)] = int(fields[1])
-    tree, grew = {root}, True
-    while grew:
-        new = {pid for pid, ppid in parents.items() if ppid in tree} - tree
-        tree |= new
-        grew = bool(new)
-    return tree
 
 
 def _listening(pids: set[int]) -> set[str]:
@@ -54,7 +42,7 @@ def _listen_during(cmd: list[str], env: dict, seconds: float) -> tuple[set[str],
     seen: set[str] = set()
     deadline = time.monotonic() + seconds
     while proc.poll() is None and time.monotonic() < deadline:
-        seen |= _listening(_descendants(proc.pid))
+        seen |= _listening(descendants(proc.pid))
         time.sleep(0.2)
     out, err = proc.communicate(timeout=240)
     return seen, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
