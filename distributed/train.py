@@ -42,7 +42,7 @@ from core.logs import setup_logging, verbosity_from
 from core.model import CaptionModel, PretrainedWeightsError, caption_loss, load_pretrained_encoder
 from core.skiplist import SkipListError
 from core.vocab import Vocabulary
-from distributed.checkpoint import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
+from distributed.resume import (Checkpointer, check_compatible, init_weights_from, restore_scheduler,
                                     seed_everything, set_rng_state, tensors_fit)
 from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, log_round, print0, \

@@ -8,7 +8,7 @@ import torch
 from core.checkpoint import CheckpointError, make_checkpoint, save_checkpoint
 from core.model import CaptionModel, ModelConfig
 from core.vocab import Vocabulary
-from distributed.checkpoint import init_weights_from
+from distributed.resume import init_weights_from
 
 SMALL = dict(backbone="resnet18", encoded_size=2, image_size=64, attention_dim=16, embed_dim=16, decoder_dim=16)
 

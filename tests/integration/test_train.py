@@ -20,7 +20,7 @@ from core.model import ModelConfig
 from distributed.config import PRESETS, TrainConfig, add_dataclass_args, parse_config
 from distributed.env import DistEnv
 from distributed.loaders import EvalLoader, make_train_loader
-from distributed.checkpoint import Checkpointer, check_compatible
+from distributed.resume import Checkpointer, check_compatible
 from distributed.eval_loop import evaluate, recompute_bn_stats
 from distributed.optim import build_optimizer, build_scheduler
 from distributed.train import Trainee, TrainState, build_model, load_data, main, train_one_epoch

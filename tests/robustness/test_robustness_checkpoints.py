@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from core.checkpoint import CheckpointError, load_checkpoint, make_checkpoint, save_checkpoint, save_safetensors
-from distributed.checkpoint import Checkpointer, tensors_fit
+from distributed.resume import Checkpointer, tensors_fit
 from distributed.env import DistEnv
 
 REPO = Path(__file__).resolve().parents[2]

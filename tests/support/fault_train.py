@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script (python tests/support/fault_tra
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from distributed import checkpoint, train
+from distributed import resume, train
 
 ENV = os.environ
 FIRST_ATTEMPT = ENV.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
@@ -103,7 +103,7 @@ def crash_in_save(k: int) -> None:
 
         return torn_write
 
-    checkpoint.Checkpointer.writer = staticmethod(writer)
+    resume.Checkpointer.writer = staticmethod(writer)
 
 
 def hash_after_training(directory: Path) -> None:
