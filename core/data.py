@@ -32,7 +32,7 @@ from core.captions import DataFormatError
 from core.cli import run_main
 from core.datacheck import add_check_command
 from core.images import image_transform, load_image
-from core.layouts import DatasetNotFoundError, add_dataset_args, files_present, read_layout
+from core.layouts import DatasetNotFoundError, add_dataset_args, create_reader, files_present
 from core.skiplist import SkipList
 from core.splits import SPLIT_NAMES, Splits, make_splits
 from core.vocab import Vocabulary, tokenize
@@ -83,7 +83,7 @@ def load_dataset(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[
     No image is opened. Captions whose image file is missing are dropped with a warning (the real
     ``Flickr8k.token.txt`` names one such image, ``2258277193_586949ec62.jpg.1``).
     """
-    layout = read_layout(root, dataset=dataset, karpathy_json=karpathy_json)
+    layout = create_reader(dataset, root, karpathy_json).read()
     captions, splits = layout.captions, layout.splits
     on_disk = files_present(layout.images_dir, list(captions))  # one listing per folder, not 123k stats
     missing = [n for n in captions if n not in on_disk]

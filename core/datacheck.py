@@ -73,8 +73,8 @@ from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatErro
 from core.cli import run_main
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
-from core.layouts import (KARPATHY_FILES, DatasetNotFoundError, add_dataset_args, detect, read_layout,
-                          reads_token_file)
+from core.layouts import (KARPATHY_FILES, DatasetNotFoundError, Flickr8kReader, add_dataset_args, create_reader,
+                          detect)
 from core.skiplist import (SKIP_LIST_FORMAT, SKIP_LIST_NAME, SKIP_LIST_VERSION, dataset_listing_hash,
                             is_regular_entry)
 
@@ -225,7 +225,7 @@ def _scan_captions(path: Path) -> _Captions:
 def _scan_karpathy(root: Path, dataset: str, karpathy_json: Path | None) -> tuple[_Captions, Path]:
     """The captions of a Karpathy-file layout (core.layouts reads and validates the file) and its image folder."""
     try:
-        layout = read_layout(root, dataset, karpathy_json)
+        layout = create_reader(dataset, root, karpathy_json).read()
     except (DatasetNotFoundError, DataFormatError) as e:
         raise DataCheckError(str(e)) from e
     source = Path(karpathy_json) if karpathy_json is not None else root / KARPATHY_FILES[layout.dataset]
@@ -248,7 +248,7 @@ def _token_layout(root: Path, dataset: str, karpathy_json: Path | None) -> bool:
             dataset = detect(root, karpathy_json)
         except DatasetNotFoundError:
             return True  # nothing recognizable: the Flickr8k checks name what is missing
-    return dataset == "flickr8k" and reads_token_file(root, karpathy_json)
+    return dataset == "flickr8k" and Flickr8kReader(root, karpathy_json).reads_token_file()
 
 
 # --------------------------------------------------------------------------------------------

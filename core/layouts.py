@@ -1,5 +1,8 @@
 """Dataset layouts on disk: Flickr8k, Flickr30k and COCO (Karpathy's splits), chosen by name or from the files present.
 
+One reader class per layout behind one factory: ``create_reader(dataset, root, karpathy_json).read()`` gives a
+:class:`Layout` (``dataset`` auto: from the files present).
+
     flickr8k   DIR/Images/*.jpg + DIR/Flickr8k.token.txt        (or --karpathy-json dataset_flickr8k.json)
     flickr30k  DIR/dataset_flickr30k.json + DIR/flickr30k-images/*.jpg (or DIR/Images/)
     coco       DIR/dataset_coco.json + DIR/train2014/*.jpg + DIR/val2014/*.jpg  (image = filepath/filename)
@@ -14,11 +17,12 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
                            parse_token_file)
 from core.skiplist import is_regular_entry
-from core.splits import Splits, read_karpathy
+from core.splits import Karpathy, Splits, read_karpathy
 
 DATASETS = ("flickr8k", "flickr30k", "coco")
 EXPECTED = {
@@ -85,51 +89,87 @@ def detect(root: Path, karpathy_json: Path | None = None) -> str:
                              f"choose one with --dataset", dataset=found[0])
 
 
-def reads_token_file(root: Path, karpathy_json: Path | None) -> bool:
-    """Whether the Flickr8k layout of ``root`` is read from Flickr8k.token.txt (else from a Karpathy file:
-    ``karpathy_json``, or dataset_flickr8k.json where the token file is absent)."""
-    return karpathy_json is None and ((root / TOKEN_FILE).is_file() or not (root / KARPATHY_FILES["flickr8k"]).is_file())
+class LayoutReader:
+    """Reads the captions (and splits, from a Karpathy file) of one dataset layout in ``root``; made by
+    :func:`create_reader`. ``karpathy_json`` replaces the layout's own Karpathy file."""
+
+    dataset: ClassVar[str]
+
+    def __init__(self, root: Path, karpathy_json: Path | None = None) -> None:
+        self.root = root
+        self.karpathy_json = karpathy_json
+
+    def read(self) -> Layout:
+        raise NotImplementedError
+
+    def _karpathy(self, use_filepath: bool) -> Karpathy:
+        path = self.karpathy_json if self.karpathy_json is not None else self.root / KARPATHY_FILES[self.dataset]
+        if not path.is_file():
+            raise layout_error(self.root, f"Karpathy split file {path} does not exist", self.dataset)
+        return read_karpathy(path, use_filepath=use_filepath)
 
 
-def _flickr8k(root: Path, karpathy_json: Path | None) -> Layout:
-    images_dir = root / IMAGES_DIR
-    if not images_dir.is_dir():
-        raise layout_error(root, f"no {IMAGES_DIR}/ folder in {root}", "flickr8k")
-    token = root / TOKEN_FILE
-    if not reads_token_file(root, karpathy_json):
-        k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr8k"), use_filepath=False)
-        return Layout("flickr8k", images_dir, k.captions, k.splits, k.ids)
-    if not token.is_file():
-        raise layout_error(root, f"no caption file {token}", "flickr8k")
-    return Layout("flickr8k", images_dir, parse_token_file(token), None)
+class Flickr8kReader(LayoutReader):
+    """DIR/Images/ + DIR/Flickr8k.token.txt, or a Karpathy file (``karpathy_json``, or dataset_flickr8k.json where
+    the token file is absent)."""
+
+    dataset = "flickr8k"
+
+    def reads_token_file(self) -> bool:
+        """Whether the captions come from Flickr8k.token.txt (else from a Karpathy file)."""
+        root = self.root
+        return self.karpathy_json is None and ((root / TOKEN_FILE).is_file()
+                                               or not (root / KARPATHY_FILES["flickr8k"]).is_file())
+
+    def read(self) -> Layout:
+        images_dir = self.root / IMAGES_DIR
+        if not images_dir.is_dir():
+            raise layout_error(self.root, f"no {IMAGES_DIR}/ folder in {self.root}", self.dataset)
+        if not self.reads_token_file():
+            k = self._karpathy(use_filepath=False)
+            return Layout(self.dataset, images_dir, k.captions, k.splits, k.ids)
+        token = self.root / TOKEN_FILE
+        if not token.is_file():
+            raise layout_error(self.root, f"no caption file {token}", self.dataset)
+        return Layout(self.dataset, images_dir, parse_token_file(token), None)
 
 
-def _karpathy_path(root: Path, given: Path | None, dataset: str) -> Path:
-    path = Path(given) if given is not None else root / KARPATHY_FILES[dataset]
-    if not path.is_file():
-        raise layout_error(root, f"Karpathy split file {path} does not exist", dataset)
-    return path
+class Flickr30kReader(LayoutReader):
+    """DIR/dataset_flickr30k.json + DIR/flickr30k-images/ (or DIR/Images/)."""
+
+    dataset = "flickr30k"
+
+    def read(self) -> Layout:
+        folder = next((self.root / d for d in FLICKR30K_IMAGE_DIRS if (self.root / d).is_dir()), None)
+        if folder is None:
+            folders = " or ".join(d + "/" for d in FLICKR30K_IMAGE_DIRS)
+            raise layout_error(self.root, f"no image folder ({folders}) in {self.root}", self.dataset)
+        k = self._karpathy(use_filepath=False)
+        return Layout(self.dataset, folder, k.captions, k.splits, k.ids)
 
 
-def _flickr30k(root: Path, karpathy_json: Path | None) -> Layout:
-    folder = next((root / d for d in FLICKR30K_IMAGE_DIRS if (root / d).is_dir()), None)
-    if folder is None:
-        folders = " or ".join(d + "/" for d in FLICKR30K_IMAGE_DIRS)
-        raise layout_error(root, f"no image folder ({folders}) in {root}", "flickr30k")
-    k = read_karpathy(_karpathy_path(root, karpathy_json, "flickr30k"), use_filepath=False)
-    return Layout("flickr30k", folder, k.captions, k.splits, k.ids)
+class CocoReader(LayoutReader):
+    """DIR/dataset_coco.json + DIR/train2014/ + DIR/val2014/; an image's name is its filepath/filename."""
+
+    dataset = "coco"
+
+    def read(self) -> Layout:
+        if not any((self.root / d).is_dir() for d in COCO_IMAGE_DIRS):
+            folders = " or ".join(d + "/" for d in COCO_IMAGE_DIRS)
+            raise layout_error(self.root, f"no image folder ({folders}) in {self.root}", self.dataset)
+        k = self._karpathy(use_filepath=True)
+        return Layout(self.dataset, self.root, k.captions, k.splits, k.ids)
 
 
-def _coco(root: Path, karpathy_json: Path | None) -> Layout:
-    if not any((root / d).is_dir() for d in COCO_IMAGE_DIRS):
-        raise layout_error(root, f"no image folder ({' or '.join(d + '/' for d in COCO_IMAGE_DIRS)}) in {root}", "coco")
-    k = read_karpathy(_karpathy_path(root, karpathy_json, "coco"), use_filepath=True)
-    return Layout("coco", root, k.captions, k.splits, k.ids)
+READERS: dict[str, type[LayoutReader]] = {r.dataset: r for r in (Flickr8kReader, Flickr30kReader, CocoReader)}
 
 
-def read_layout(root: str | os.PathLike[str], dataset: str = "auto",
-                karpathy_json: str | os.PathLike[str] | None = None) -> Layout:
-    """Captions (and splits, from a Karpathy file) of the dataset in ``root``; ``dataset`` auto = :func:`detect`."""
+def create_reader(dataset: str, root: str | os.PathLike[str],
+                  karpathy_json: str | os.PathLike[str] | None = None) -> LayoutReader:
+    """The reader of the dataset in ``root``: ``dataset`` is one of :data:`DATASETS`, or auto (:func:`detect`).
+
+        layout = create_reader("auto", root).read()
+    """
     root = Path(root)
     kpath = Path(karpathy_json) if karpathy_json is not None else None
     if dataset not in ("auto", *DATASETS):
@@ -139,7 +179,7 @@ def read_layout(root: str | os.PathLike[str], dataset: str = "auto",
                            None if dataset == "auto" else dataset)
     if dataset == "auto":
         dataset = detect(root, kpath)
-    return {"flickr8k": _flickr8k, "flickr30k": _flickr30k, "coco": _coco}[dataset](root, kpath)
+    return READERS[dataset](root, kpath)
 
 
 def files_present(images_dir: Path, names: list[str]) -> set[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from core.captions import DataFormatError
 from core.data import load_dataset
-from core.layouts import DatasetNotFoundError, detect
+from core.layouts import READERS, DatasetNotFoundError, create_reader, detect
 from core.splits import read_karpathy
 from core.synthetic import generate
 from core.vocab import Vocabulary
@@ -40,6 +40,15 @@ def test_each_layout_is_detected_and_read(layouts):
     assert restval == {f"val2014/{i:05d}.jpg" for i in range(2, 40, 10)}
     assert coco.ids["val2014/00000.jpg"] == 0
     assert load_dataset(layouts["flickr30k"]).images_dir.name == "flickr30k-images"
+
+
+def test_one_reader_per_layout_behind_one_factory(layouts):
+    for name, root in layouts.items():
+        reader = create_reader("auto", root)
+        assert type(reader) is READERS[name] and reader.dataset == name
+        assert create_reader(name, root).read() == reader.read()
+    with pytest.raises(ValueError, match="--dataset must be auto or one of"):
+        create_reader("flickr9k", layouts["flickr8k"])
 
 
 def test_a_named_dataset_that_is_not_there_shows_its_layout(layouts):
