@@ -70,8 +70,7 @@ class _Run:
     def __init__(self, config, items):
         from bench.config import config_from_env
         from bench.plan import Budget, estimate_s, item_params
-        from bench.results import Recorder
-        from bench.machine import machine_info
+        from bench.results import Recorder, machine_info
         from core import hardware
 
         self.hw, self.cfg = hardware.detect(), config_from_env()
@@ -154,7 +153,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_benchmark_update_machine_info(config, machine_info):
     from bench.config import config_from_env
-    from bench.machine import machine_info as our_info
+    from bench.results import machine_info as our_info
 
     machine_info["sat_bench"] = our_info()
     machine_info["sat_bench"]["config"] = config_from_env().describe()

@@ -3,7 +3,7 @@
     python bench/report.py --from-results                 # render the newest bench/results/bench-*.jsonl
     python bench/report.py --from-results FILE.jsonl      # render one (a run killed midway renders too)
 
-Records (``"type"``): ``run`` (first: machine, CPU capability tag, config, budget, the planned benchmarks in run
+Records (``"type"``): ``run`` (first: machine (:func:`machine_info`), CPU capability tag, config, budget, the planned benchmarks in run
 order), ``benchmark`` (pytest-benchmark's stats and extra_info of one finished benchmark, its wall seconds),
 ``not_run`` (a benchmark left out, with the reason: budget, no native bf16, skipped), ``check`` (a test with no
 timing passed), ``failed``, ``end`` (exit
@@ -13,10 +13,46 @@ ran as "not run: the run was cut short".
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine as the run record names it (JSON-serializable): core.hardware's detection, software versions,
+    threads, load. torch and the rest are imported here, so reading results back (the report) needs none of them."""
+    import numpy as np
+    import torch
+
+    from core import hardware
+
+    hw = hardware.detect()
+    info: dict[str, Any] = {
+        "cpu_model": hw.cpu.model,
+        "cpu_cores": hw.cpu.cores,
+        "cpu_flags": sorted(hw.cpu.flags),
+        "capability": hardware.capability_tag(hw),
+        "hardware": hardware.summary(hw),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    with contextlib.suppress(Exception):
+        import onnxruntime as ort
+
+        info["onnxruntime"] = ort.__version__
+        info["ort_providers"] = ort.get_available_providers()
+    with contextlib.suppress(Exception):
+        info["loadavg_1_5_15"] = [round(x, 2) for x in os.getloadavg()]
+    if hw.gpus:
+        info["gpu"] = hw.gpus[0].name
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 class Recorder:
