@@ -1,9 +1,10 @@
 """Shared fixtures, and the layout of the tests.
 
-Tests are grouped by concern: ``unit/`` (one module or function, seconds), ``integration/`` (commands and pieces
-end to end: training, export, runtime, server, benchmarks; every test there is marked ``slow``, added below),
-``robustness/`` (bad inputs, damaged files, limits), ``support/`` (helpers shared by tests, no tests; the
-fault-injecting trainer). ``-m "not slow"`` runs the quick part.
+Tests are grouped by concern: ``unit/`` (one module or function, seconds; ``unit/data/``: datasets, captions,
+splits, layouts), ``integration/`` (commands and pieces end to end: training, export, runtime, server, benchmarks;
+every test there is marked ``slow``, added below), ``robustness/`` (bad inputs, damaged files, limits),
+``support/`` (helpers shared by tests, no tests; the fault-injecting trainer). ``-m "not slow"`` runs the quick
+part.
 
 - ``synthetic_data``: a tiny synthetic dataset in the Flickr8k layout (48 images of 64 px, 5 captions each;
   random split 38 train / 5 val / 5 test), generated once per session with ``core.synthetic``. Read-only: copy it

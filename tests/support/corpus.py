@@ -1,6 +1,6 @@
 """Bad (and awkward but valid) input files, generated in memory: nothing is downloaded.
 
-Used by tests/unit/test_datacheck.py and tests/robustness/. Every function returns the bytes of one file.
+Used by tests/unit/data/test_datacheck.py and tests/robustness/. Every function returns the bytes of one file.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from core.skiplist import SkipListError, dataset_listing_hash, read_skip_list
 from core.synthetic import generate
 from tests.unit.test_images import png_broken_chunk
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TOKEN = "Flickr8k.token.txt"
 
 

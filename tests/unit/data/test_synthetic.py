@@ -1,4 +1,4 @@
-"""Tests of core/synthetic.py:  .venv/bin/pytest tests/unit/test_synthetic.py -q"""
+"""Tests of core/synthetic.py:  .venv/bin/pytest tests/unit/data/test_synthetic.py -q"""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from core.images import image_transform
 from core.synthetic import COLORS, SHAPES, Scene, Shape, describe, generate, random_scene, relation, render
 from core.vocab import tokenize
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def tree_digest(root: Path) -> str:

@@ -1,4 +1,4 @@
-"""Tests of core/data.py:  .venv/bin/pytest tests/unit/test_data.py -q"""
+"""Tests of core/data.py:  .venv/bin/pytest tests/unit/data/test_data.py -q"""
 
 from __future__ import annotations
 
