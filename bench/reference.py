@@ -91,28 +91,18 @@ def tutorial_beam_search(
 
 
 @torch.no_grad()
-def reference_caption(
-    model: CaptionModel, images: Tensor, beam_size: int, max_len: int, start_id: int, end_id: int,
+def reference_search(
+    model: CaptionModel, inputs: Tensor, encode: bool, beam_size: int, max_len: int, start_id: int, end_id: int,
     stats: dict | None = None,
 ) -> list[Hypothesis]:
-    """End to end as the tutorial serves it: for each image, encode it alone, then beam search it alone."""
+    """The tutorial's loop, one image at a time: encode the image alone (``encode``: ``inputs`` are images; else they
+    are encoder outputs, (N,P,C) or (N,S,S,C)), then beam search it alone."""
     out = []
-    for i in range(images.shape[0]):
-        encoder_out = model.encoder(images[i : i + 1])  # (1, S, S, C)
+    for i in range(inputs.shape[0]):
+        x = inputs[i : i + 1]
+        encoder_out = model.encoder(x) if encode else x  # (1, S, S, C) or (1, P, C)
         out.append(tutorial_beam_search(model.decoder, encoder_out, beam_size, max_len, start_id, end_id, stats))
     return out
-
-
-@torch.no_grad()
-def reference_beam_search(
-    model: CaptionModel, encoder_out: Tensor, beam_size: int, max_len: int, start_id: int, end_id: int,
-    stats: dict | None = None,
-) -> list[Hypothesis]:
-    """Beam search alone, encoder outputs given: encoder_out (N,P,C) (or (N,S,S,C)), one image at a time."""
-    return [
-        tutorial_beam_search(model.decoder, encoder_out[i : i + 1], beam_size, max_len, start_id, end_id, stats)
-        for i in range(encoder_out.shape[0])
-    ]
 
 
 @torch.no_grad()

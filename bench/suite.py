@@ -211,11 +211,11 @@ class Suite:
         """End to end: encode n images, then beam search with a fixed number of steps."""
         cfg, v, images = self.cfg, self.vocab, self.image_batch(n)
         if backend == "reference":
-            from bench.reference import reference_caption
+            from bench.reference import reference_search
 
             stats = self.reference_work.setdefault(f"caption:{n}", {})
-            return self._synced(lambda: reference_caption(self.model, images, cfg.beam_size, cfg.max_len,
-                                                          v.start_id, v.end_id, stats))
+            return self._synced(lambda: reference_search(self.model, images, True, cfg.beam_size, cfg.max_len,
+                                                         v.start_id, v.end_id, stats))
         b = self.backend(backend)
         return self._searched(b, lambda: b.encode(images))
 
@@ -223,12 +223,12 @@ class Suite:
         """Beam search alone, encoder outputs given (eager fp32's, the same for every backend)."""
         cfg, v = self.cfg, self.vocab
         if backend == "reference":
-            from bench.reference import reference_beam_search
+            from bench.reference import reference_search
 
             feats = self.features(n)
             stats = self.reference_work.setdefault(f"beam:{n}", {})
-            return self._synced(lambda: reference_beam_search(self.model, feats, cfg.beam_size, cfg.max_len,
-                                                              v.start_id, v.end_id, stats))
+            return self._synced(lambda: reference_search(self.model, feats, False, cfg.beam_size, cfg.max_len,
+                                                         v.start_id, v.end_id, stats))
         encoded = self.encoded(n)
         return self._searched(self.backend(backend), lambda: encoded)
 
