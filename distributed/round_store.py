@@ -63,7 +63,7 @@ def _lead(store: dist.Store, world_size: int, deadline: float, timeout: timedelt
     A nonce left by a dead worker of an earlier round gets an answer nobody reads; the live worker's nonce, written
     before or after, is answered on a later poll."""
     round_id = uuid.uuid4().hex[:16]
-    answered: dict[int, set[str]] = {r: set() for r in range(1, world_size)}
+    answered: dict[int, str] = {r: "" for r in range(1, world_size)}  # rank -> the last nonce answered
     while answered:
         for r in list(answered):
             if store.check([_ack(round_id, r)]):
@@ -71,9 +71,9 @@ def _lead(store: dist.Store, world_size: int, deadline: float, timeout: timedelt
                 continue
             if store.check([_hello(r)]):
                 nonce = store.get(_hello(r)).decode()
-                if nonce not in answered[r]:
+                if nonce != answered[r]:  # a rank's key holds one nonce at a time: the newest is the one to answer
                     store.set(_welcome(nonce), round_id)
-                    answered[r].add(nonce)
+                    answered[r] = nonce
         if answered:
             if time.monotonic() > deadline:
                 raise RoundJoinError(
