@@ -6,7 +6,9 @@
 
 Shared by the dataset loader (core.data), the dataset check (core.datacheck) and the synthetic generator
 (core.synthetic), so the three agree on names, on what a valid line is and on which lines are skipped.
-Imports no torch.
+An image name of any caption file (the token file, Karpathy's) is a path below its image folder, and only that:
+:func:`name_escapes` (the name alone) and :func:`resolve_inside` (on disk, through symbolic links) are the one check
+every reader applies before a file is opened. Imports no torch.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import os
 import re
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
+
+from core.fileio import abbreviate
 
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGES_DIR = "Images"
@@ -39,6 +43,48 @@ _TOKEN_RE = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
 
 class DataFormatError(ValueError):
     """A data file exists but its content is not what was expected (message names file and line)."""
+
+
+class OutsideRootError(DataFormatError):
+    """A caption file names an image outside its image folder: absolute, with '..', or through a symbolic link
+    out of the folder. Refused whatever the skip list says: nothing of such a name is opened."""
+
+
+def name_escapes(name: str) -> str | None:
+    """Why the image name ``name`` cannot be a path inside its image folder (absolute, '..', empty, NUL), else None:
+    the part of the check that needs no disk (readers apply it as they parse)."""
+    if not name or "\x00" in name:
+        return "is empty or holds a NUL byte"
+    if os.path.isabs(name):
+        return "is an absolute path"
+    if ".." in name.split("/"):
+        return "holds '..'"
+    return None
+
+
+def refuse_escaping(name: str, where: str = "") -> None:
+    """OutsideRootError (``where`` is its prefix: ``FILE:LINE: ``) when :func:`name_escapes` says why."""
+    why = name_escapes(name)
+    if why:
+        raise OutsideRootError(f"{where}image name {abbreviate(name, 80)} {why}: refusing names outside the image "
+                               "folder")
+
+
+def resolve_inside(folder: Path, name: str, anchors: Collection[str] = ()) -> Path:
+    """``folder / name``, refused (:class:`OutsideRootError`) unless it resolves inside ``folder``, symbolic links
+    followed. ``folder`` itself may be a link (a dataset's image folder often is), and so may a first component in
+    ``anchors`` (COCO's ``train2014/``, ``val2014/`` at the dataset root): below them, nothing may lead out."""
+    why = name_escapes(name)
+    if why is None:
+        first, _, below = name.partition("/")
+        base, rest = (folder / first, below) if first in anchors else (folder, name)
+        base_real = os.path.realpath(base)
+        real = os.path.realpath(os.path.join(base_real, rest)) if rest else base_real
+        if real == base_real or real.startswith(base_real.rstrip(os.sep) + os.sep):
+            return folder / name
+        why = "leads out of it through a symbolic link"
+    raise OutsideRootError(f"image name {abbreviate(name, 80)} {why}: refusing names outside the image folder "
+                           f"{folder}/")
 
 
 def read_lines(path: str | os.PathLike[str]) -> Iterator[tuple[int, str | UnicodeDecodeError, bytes]]:
@@ -138,6 +184,7 @@ def parse_token_file(path: str | os.PathLike[str]) -> dict[str, list[str]]:
             name, n, caption = parse_caption_line(line)
         except DataFormatError as e:
             raise DataFormatError(f"{path}:{lineno}: {e}") from None
+        refuse_escaping(name, f"{path}:{lineno}: ")
         problem = rules.problem(lineno, name, n, caption)
         if problem:
             skipped[problem[0]] += 1

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from core.captions import DataFormatError
+from core.captions import DataFormatError, refuse_escaping
 from core.cli import run_main
 from core.datacheck import add_check_command
 from core.images import image_transform, load_image
@@ -40,6 +40,13 @@ from core.vocab import Vocabulary, tokenize
 # --------------------------------------------------------------------------------------------
 # The dataset
 # --------------------------------------------------------------------------------------------
+def checked_path(images_dir: Path, name: str) -> Path:
+    """``images_dir / name`` for a name that stays below the folder by itself (no absolute path, no '..'); links
+    out of the folder were refused when the dataset was loaded (core.layouts.files_present)."""
+    refuse_escaping(name, f"{images_dir}/: ")
+    return images_dir / name
+
+
 @dataclass
 class CaptionDataset:
     """Captions and splits of a dataset directory. Only images present in ``images_dir`` are kept."""
@@ -53,7 +60,9 @@ class CaptionDataset:
     ids: dict[str, int | str] = field(default_factory=dict)  # name -> Karpathy image id (cocoid/imgid), if any
 
     def image_path(self, name: str) -> Path:
-        return self.images_dir / name
+        """The file of image ``name``; a name leading out of the image folder is refused (loading checked them all
+        on disk; this guards names given afterwards)."""
+        return checked_path(self.images_dir, name)
 
     @property
     def num_captions(self) -> int:
@@ -85,7 +94,7 @@ def load_dataset(root: str | os.PathLike[str], karpathy_json: str | os.PathLike[
     """
     layout = create_reader(dataset, root, karpathy_json).read()
     captions, splits = layout.captions, layout.splits
-    on_disk = files_present(layout.images_dir, list(captions))  # one listing per folder, not 123k stats
+    on_disk = files_present(layout.images_dir, list(captions), layout.anchors)  # one listing per folder, not 123k stats
     missing = [n for n in captions if n not in on_disk]
     if missing:
         warnings.warn(f"{len(missing)} captioned image(s) missing from {layout.images_dir} are ignored, "
@@ -215,7 +224,7 @@ class _ImageDataset(Dataset):
         return len(self.names)
 
     def path(self, i: int) -> Path:
-        return self.images_dir / self.names[i]
+        return checked_path(self.images_dir, self.names[i])
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         return self.transform(load_image(self.path(i))), i

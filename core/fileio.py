@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -41,6 +42,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc (no window in which another thread creates files under umask 0);
+    where /proc lacks it, set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 class WriteError(RuntimeError):
     """An output could not be written; the message names the path, and the previous file is unchanged."""
 
@@ -58,7 +74,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; a plain open() would give this
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -89,10 +105,25 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> A
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
     except UnicodeDecodeError as e:
         raise error(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of over 4,300 digits
+        raise error(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:  # json's parser recurses once per level of [ or {
+        raise error(f"{path}: JSON nested too deeply (over ~{sys.getrecursionlimit()} levels)") from None
+
+
+def abbreviate(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` for one field of a message, cut to about ``limit`` characters with the full length said, so
+    a megabyte-long value never becomes a megabyte-long error line; printable (see :func:`printable`)."""
+    if isinstance(value, str):
+        more = f"... ({len(value)} characters)" if len(value) > limit else ""
+        return printable(repr(value[:limit]) + more)
+    if isinstance(value, (bool, int, float)) or value is None:
+        huge = isinstance(value, int) and value.bit_length() > 200
+        text = f"an int of {value.bit_length()} bits" if huge else repr(value)
+        return printable(text[:limit])
+    return f"a {type(value).__name__}"  # a container: its type, never its (possibly huge or deep) content
 
 
 def printable(text: str) -> str:

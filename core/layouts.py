@@ -8,7 +8,8 @@ One reader class per layout behind one factory: ``create_reader(dataset, root, k
     coco       DIR/dataset_coco.json + DIR/train2014/*.jpg + DIR/val2014/*.jpg  (image = filepath/filename)
 
 Nothing here opens an image: which captioned images exist is decided from one directory listing per image folder
-(COCO: 123k images, two listings). Imports no torch.
+(COCO: 123k images, two listings). A name that leads outside its image folder (absolute, '..', a symbolic link out
+of the folder) is refused by name before anything is opened (core.captions.resolve_inside). Imports no torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
-                           parse_token_file)
+                           OutsideRootError, parse_token_file, resolve_inside)
 from core.skiplist import is_regular_entry
 from core.splits import Karpathy, Splits, read_karpathy
 
@@ -51,6 +52,7 @@ class Layout:
     captions: dict[str, list[str]]
     splits: Splits | None
     ids: dict[str, int | str] = field(default_factory=dict)
+    anchors: tuple[str, ...] = ()  # first components that may be links placed at the root (COCO's folders)
 
 
 def expected_layout(dataset: str, root: Path) -> str:
@@ -158,7 +160,7 @@ class CocoReader(LayoutReader):
             folders = " or ".join(d + "/" for d in COCO_IMAGE_DIRS)
             raise layout_error(self.root, f"no image folder ({folders}) in {self.root}", self.dataset)
         k = self._karpathy(use_filepath=True)
-        return Layout(self.dataset, self.root, k.captions, k.splits, k.ids)
+        return Layout(self.dataset, self.root, k.captions, k.splits, k.ids, anchors=COCO_IMAGE_DIRS)
 
 
 READERS: dict[str, type[LayoutReader]] = {r.dataset: r for r in (Flickr8kReader, Flickr30kReader, CocoReader)}
@@ -182,16 +184,39 @@ def create_reader(dataset: str, root: str | os.PathLike[str],
     return READERS[dataset](root, kpath)
 
 
-def files_present(images_dir: Path, names: list[str]) -> set[str]:
-    """The ``names`` (paths relative to ``images_dir``) that are files: one listing per folder, no stat per image."""
-    folders = {os.path.dirname(n) for n in names}
+def files_present(images_dir: Path, names: list[str], anchors: tuple[str, ...] = ()) -> set[str]:
+    """The ``names`` (paths relative to ``images_dir``) that are files: one listing per folder, no stat per image.
+
+    Each folder, and each listed entry that is a symbolic link, must resolve inside ``images_dir``
+    (:func:`core.captions.resolve_inside`): otherwise OutsideRootError names the image, and nothing is opened.
+    """
+    folders: dict[str, str] = {}
+    for n in names:
+        folders.setdefault(os.path.dirname(n), n)  # folder -> an image named in it (named in a refusal)
+    wanted = set(names)
     present: set[str] = set()
-    for folder in folders:
+    for folder, example in folders.items():
+        if folder:
+            _inside(images_dir, folder, example, anchors)
         path = images_dir / folder
         if path.is_dir():
             prefix = f"{folder}/" if folder else ""
-            present.update(prefix + e.name for e in os.scandir(path) if is_regular_entry(e))  # a loop: not a file
+            for e in os.scandir(path):
+                name = prefix + e.name
+                if name in wanted and is_regular_entry(e):  # a loop: not a file
+                    if e.is_symlink():
+                        _inside(images_dir, name, name, anchors)
+                    present.add(name)
     return present
+
+
+def _inside(images_dir: Path, path: str, name: str, anchors: tuple[str, ...]) -> None:
+    try:
+        resolve_inside(images_dir, path, anchors)
+    except OutsideRootError as e:
+        if path == name:
+            raise
+        raise OutsideRootError(f"{e} (the folder of image {name!r})") from None
 
 
 def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None, splits: bool = True) -> None:

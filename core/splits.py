@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.captions import IMAGES_DIR, OFFICIAL_SPLIT_FILES, TOKEN_FILE, DataFormatError, read_text_lines
-from core.fileio import read_json
+from core.captions import (IMAGES_DIR, OFFICIAL_SPLIT_FILES, TOKEN_FILE, DataFormatError, read_text_lines,
+                           refuse_escaping)
+from core.fileio import abbreviate, read_json
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -96,12 +97,13 @@ def read_karpathy(path: str | os.PathLike[str], use_filepath: bool) -> Karpathy:
         name = _karpathy_field(img, "filename", str, where)
         if use_filepath:
             name = f"{_karpathy_field(img, 'filepath', str, where).strip('/')}/{name}"
+        refuse_escaping(name, f"{where}.filename: ")  # before anything is opened, whatever the skip list says
         split = _karpathy_field(img, "split", str, where)
         split = "train" if split == "restval" else split
         if split not in split_lists:
             raise DataFormatError(f"{where}.split: unknown split {img['split']!r} (expected train/val/test/restval)")
         if name in captions:
-            raise DataFormatError(f"{where}.filename: image {name!r} listed twice")
+            raise DataFormatError(f"{where}.filename: image {abbreviate(name, 80)} listed twice")
         captions[name] = _karpathy_raws(img, where)
         ids[name] = img.get("cocoid", img.get("imgid", name))
         split_lists[split].append(name)
