@@ -353,7 +353,7 @@ def test_a_checkpoint_with_a_pickled_payload_is_refused_and_nothing_runs(tutoria
         decoder.__dict__.pop("hook", None)
     with pytest.raises(TutorialImportError, match="refusing to import .*evil.*nothing in it was run"):
         import_tutorial(evil, wm, tmp_path / "out.pt")
-    assert main([str(evil), str(wm), "--out", str(tmp_path / "out.pt")]) == 1
+    assert main([str(evil), str(wm), "--out", str(tmp_path / "out.pt")]) == 2  # exit 2: a bad input file, one line
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: refusing to import {evil}"), err
     assert func.split(".")[1] in err  # names what it refused
