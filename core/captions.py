@@ -51,14 +51,17 @@ class OutsideRootError(DataFormatError):
 
 
 def name_escapes(name: str) -> str | None:
-    """Why the image name ``name`` cannot be a path inside its image folder (absolute, '..', empty, NUL), else None:
-    the part of the check that needs no disk (readers apply it as they parse)."""
-    if not name or "\x00" in name:
-        return "is empty or holds a NUL byte"
+    """Why the image name ``name`` cannot be a path inside its image folder, else None: absolute, '..', an empty or
+    '.' component, a NUL byte. The part of the check that needs no disk (readers apply it as they parse)."""
+    if "\x00" in name:
+        return "holds a NUL byte"
     if os.path.isabs(name):
         return "is an absolute path"
-    if ".." in name.split("/"):
+    parts = name.split("/")
+    if ".." in parts:
         return "holds '..'"
+    if "" in parts or "." in parts:
+        return "holds an empty or '.' path component"
     return None
 
 
@@ -66,7 +69,7 @@ def refuse_escaping(name: str, where: str = "") -> None:
     """OutsideRootError (``where`` is its prefix: ``FILE:LINE: ``) when :func:`name_escapes` says why."""
     why = name_escapes(name)
     if why:
-        raise OutsideRootError(f"{where}image name {abbreviate(name, 80)} {why}: refusing names outside the image "
+        raise OutsideRootError(f"{where}image name {abbreviate(name, 200)} {why}: refusing names outside the image "
                                "folder")
 
 
@@ -82,8 +85,9 @@ def resolve_inside(folder: Path, name: str, anchors: Collection[str] = ()) -> Pa
         real = os.path.realpath(os.path.join(base_real, rest)) if rest else base_real
         if real == base_real or real.startswith(base_real.rstrip(os.sep) + os.sep):
             return folder / name
-        why = "leads out of it through a symbolic link"
-    raise OutsideRootError(f"image name {abbreviate(name, 80)} {why}: refusing names outside the image folder "
+        raise OutsideRootError(f"image name {abbreviate(name, 200)} leads out of the image folder {folder}/ through a "
+                               "symbolic link: refusing names outside the image folder")
+    raise OutsideRootError(f"image name {abbreviate(name, 200)} {why}: refusing names outside the image folder "
                            f"{folder}/")
 
 

@@ -136,7 +136,7 @@ def _read_header(f, path: Path, size: int) -> Image.Image:
         raise _error(path, "unsupported-format",
                      f"{fmt} signature: not an accepted format (accepted: {', '.join(ACCEPTED_FORMATS)})")
     raise _error(path, "not-an-image", f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)}; "
-                                       f"{size} bytes, starts with {head!r})")
+                                       f"{size} bytes, no known signature)")  # its bytes are never echoed
 
 
 def release_image_memory_promptly(threshold: int = 1 << 20) -> bool:

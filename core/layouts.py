@@ -22,6 +22,7 @@ from typing import ClassVar
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
                            OutsideRootError, parse_token_file, resolve_inside)
+from core.fileio import abbreviate
 from core.skiplist import is_regular_entry
 from core.splits import Karpathy, Splits, read_karpathy
 
@@ -211,12 +212,15 @@ def files_present(images_dir: Path, names: list[str], anchors: tuple[str, ...] =
 
 
 def _inside(images_dir: Path, path: str, name: str, anchors: tuple[str, ...]) -> None:
+    """``path`` (image ``name``, or its folder) resolves inside ``images_dir``; the refusal names the image."""
     try:
         resolve_inside(images_dir, path, anchors)
-    except OutsideRootError as e:
+    except OutsideRootError:
         if path == name:
             raise
-        raise OutsideRootError(f"{e} (the folder of image {name!r})") from None
+        raise OutsideRootError(f"image name {abbreviate(name, 200)} leads out of the image folder {images_dir}/ "
+                               f"through its folder {abbreviate(path, 200)}, a symbolic link: refusing names outside "
+                               "the image folder") from None
 
 
 def add_dataset_args(p: argparse.ArgumentParser, data_flag: str | None = None, splits: bool = True) -> None:

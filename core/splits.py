@@ -103,7 +103,7 @@ def read_karpathy(path: str | os.PathLike[str], use_filepath: bool) -> Karpathy:
         if split not in split_lists:
             raise DataFormatError(f"{where}.split: unknown split {img['split']!r} (expected train/val/test/restval)")
         if name in captions:
-            raise DataFormatError(f"{where}.filename: image {abbreviate(name, 80)} listed twice")
+            raise DataFormatError(f"{where}.filename: image {abbreviate(name, 200)} listed twice")
         captions[name] = _karpathy_raws(img, where)
         ids[name] = img.get("cocoid", img.get("imgid", name))
         split_lists[split].append(name)
