@@ -20,8 +20,6 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from core.fileio import abbreviate
-
 TOKEN_FILE = "Flickr8k.token.txt"
 IMAGES_DIR = "Images"
 # Karpathy's caption files and the image folders of the other layouts (core.layouts reads them; core.skiplist
@@ -50,6 +48,11 @@ class OutsideRootError(DataFormatError):
     out of the folder. Refused whatever the skip list says: nothing of such a name is opened."""
 
 
+def shown_name(name: str, limit: int = 200) -> str:
+    """An image name as messages show it: repr, cut to ``limit`` characters with its length said."""
+    return repr(name[:limit]) + (f"... ({len(name)} characters)" if len(name) > limit else "")
+
+
 def name_escapes(name: str) -> str | None:
     """Why the image name ``name`` cannot be a path inside its image folder, else None: absolute, '..', an empty or
     '.' component, a NUL byte. The part of the check that needs no disk (readers apply it as they parse)."""
@@ -69,7 +72,7 @@ def refuse_escaping(name: str, where: str = "") -> None:
     """OutsideRootError (``where`` is its prefix: ``FILE:LINE: ``) when :func:`name_escapes` says why."""
     why = name_escapes(name)
     if why:
-        raise OutsideRootError(f"{where}image name {abbreviate(name, 200)} {why}: refusing names outside the image "
+        raise OutsideRootError(f"{where}image name {shown_name(name)} {why}: refusing names outside the image "
                                "folder")
 
 
@@ -85,9 +88,9 @@ def resolve_inside(folder: Path, name: str, anchors: Collection[str] = ()) -> Pa
         real = os.path.realpath(os.path.join(base_real, rest)) if rest else base_real
         if real == base_real or real.startswith(base_real.rstrip(os.sep) + os.sep):
             return folder / name
-        raise OutsideRootError(f"image name {abbreviate(name, 200)} leads out of the image folder {folder}/ through a "
+        raise OutsideRootError(f"image name {shown_name(name)} leads out of the image folder {folder}/ through a "
                                "symbolic link: refusing names outside the image folder")
-    raise OutsideRootError(f"image name {abbreviate(name, 200)} {why}: refusing names outside the image folder "
+    raise OutsideRootError(f"image name {shown_name(name)} {why}: refusing names outside the image folder "
                            f"{folder}/")
 
 

@@ -32,17 +32,17 @@ MAX_CAPTION_CHARS = 2000
 
 
 def _check_caption(path: Path, i: int, image_id: Any, caption: Any, max_chars: int) -> None:
-    where = f"{path}: [{i}].caption (image_id {abbreviate(image_id)})"
+    where, which = f"{path}: [{i}].caption", f"(image_id {abbreviate(image_id)})"
     if not isinstance(caption, str):
         raise DataFormatError(f"{where}: expected a string, found {type(caption).__name__}")
     if len(caption) > max_chars:
         raise DataFormatError(f"{where}: {len(caption)} characters, over the bound of {max_chars} "
-                              f"(--max-caption-chars)")
+                              f"(--max-caption-chars) {which}")
     try:
         caption.encode("utf-8")
     except UnicodeEncodeError as e:  # JSON's "\ud800" escape: a lone surrogate, which no tool can encode
         raise DataFormatError(f"{where}: holds {caption[e.start]!r} at character {e.start}, a lone surrogate "
-                              f"(not text)") from None
+                              f"(not text) {which}") from None
 
 
 def read_results(path: Path, max_caption_chars: int = MAX_CAPTION_CHARS) -> list[tuple[Any, str]]:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from core.captions import (COCO_IMAGE_DIRS, FLICKR30K_IMAGE_DIRS, IMAGES_DIR, KARPATHY_FILES, TOKEN_FILE,
-                           OutsideRootError, parse_token_file, resolve_inside)
-from core.fileio import abbreviate
+                           OutsideRootError, parse_token_file, resolve_inside, shown_name)
 from core.skiplist import is_regular_entry
 from core.splits import Karpathy, Splits, read_karpathy
 
@@ -218,8 +217,8 @@ def _inside(images_dir: Path, path: str, name: str, anchors: tuple[str, ...]) ->
     except OutsideRootError:
         if path == name:
             raise
-        raise OutsideRootError(f"image name {abbreviate(name, 200)} leads out of the image folder {images_dir}/ "
-                               f"through its folder {abbreviate(path, 200)}, a symbolic link: refusing names outside "
+        raise OutsideRootError(f"image name {shown_name(name)} leads out of the image folder {images_dir}/ "
+                               f"through its folder {shown_name(path)}, a symbolic link: refusing names outside "
                                "the image folder") from None
 
 

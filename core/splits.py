@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from core.captions import (IMAGES_DIR, OFFICIAL_SPLIT_FILES, TOKEN_FILE, DataFormatError, read_text_lines,
-                           refuse_escaping)
-from core.fileio import abbreviate, read_json
+                           refuse_escaping, shown_name)
+from core.fileio import read_json
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -103,7 +103,7 @@ def read_karpathy(path: str | os.PathLike[str], use_filepath: bool) -> Karpathy:
         if split not in split_lists:
             raise DataFormatError(f"{where}.split: unknown split {img['split']!r} (expected train/val/test/restval)")
         if name in captions:
-            raise DataFormatError(f"{where}.filename: image {abbreviate(name, 200)} listed twice")
+            raise DataFormatError(f"{where}.filename: image {shown_name(name)} listed twice")
         captions[name] = _karpathy_raws(img, where)
         ids[name] = img.get("cocoid", img.get("imgid", name))
         split_lists[split].append(name)
