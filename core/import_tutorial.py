@@ -65,6 +65,7 @@ MAX_PARAMETERS = 1_000_000_000  # of the model the file describes, counted on th
 MAX_WORD_CHARS = 200
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")  # a module, parameter or buffer name
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int64, torch.int32)
 
 # Every class a tutorial checkpoint pickles: its own modules, the torch.nn and torchvision layers they hold (old
 # and new module paths), the optimizer. Each becomes an inert stand-in; nothing else may appear.
@@ -321,9 +322,8 @@ def check_tensors(weights: Mapping[str, Tensor], expected: Mapping[str, Tensor],
         if t.shape != expected[key].shape:
             raise TutorialImportError(f"{source}: '{key}' has shape {tuple(t.shape)}, the model's is "
                                       f"{tuple(expected[key].shape)}")
-        counter = key.endswith(".num_batches_tracked")
-        if t.layout != torch.strided or (t.dtype not in _FLOAT_DTYPES and not (counter and not t.is_floating_point()
-                                                                                and not t.is_complex())):
+        counter = key.endswith(".num_batches_tracked")  # BatchNorm's step counter: an integer
+        if t.layout != torch.strided or t.dtype not in (_INT_DTYPES if counter else _FLOAT_DTYPES):
             raise TutorialImportError(f"{source}: '{key}' is a {t.dtype} {t.layout} tensor, expected dense floats")
         if not counter and not bool(torch.isfinite(t).all()):
             raise TutorialImportError(f"{source}: '{key}' holds NaN or infinite values: a diverged training run?")

@@ -85,8 +85,9 @@ def test_a_killed_meteor_jvm_ends_evaluate_with_one_line(results, data):
 @pytest.mark.parametrize("reads", [True, False], ids=["never_answers", "never_reads"])
 def test_a_tool_that_stops_answering_or_reading_is_cut_at_the_deadline(reads):
     """The exchange machinery every Java tool goes through, on real processes that hang: one reads its stdin and
-    never answers, the other never reads (a 1 MB request fills the pipe). Each exchange ends at its deadline."""
-    proc = JavaProcess(["sh", "-c", "cat >/dev/null" if reads else "sleep 60"], Path("/"))
+    never answers (sh keeps stdout open; cat ends when its stdin is closed), the other never reads (a 1 MB request
+    fills the pipe). Each exchange ends at its deadline, and the process is killed."""
+    proc = JavaProcess(["sh", "-c", "cat >/dev/null" if reads else "exec sleep 60"], Path("/"))
     try:
         t0 = time.monotonic()
         with time_limit(10), pytest.raises(JavaToolError, match=r"no answer within 0.5 s"):
