@@ -330,6 +330,9 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     loaders = build_loaders(cfg, data, vocab, env)
     if cfg.scst or cfg.scst_after:
         t.scst = Scst.from_config(cfg, loaders.train.table, vocab)
+        if cfg.scst and not cfg.init_from and resume_path is None:
+            warn0(env, "--scst from randomly initialized weights: start from a cross-entropy model (--init-from PATH "
+                       "or --resume), or use --scst-after N")
         print0(env, f"SCST from step {t.scst.start_step}: {cfg.scst_samples} samples per image, {cfg.scst_baseline} "
                     f"baseline, reward {cfg.scst_cider_weight:g} x CIDEr-D + {cfg.scst_bleu_weight:g} x BLEU-4")
     if env.is_main:

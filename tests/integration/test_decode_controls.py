@@ -11,7 +11,6 @@ import json
 
 import httpx
 import pytest
-import torch
 from tests.support.export_artifacts import artifacts
 from tests.support.server import Server
 
@@ -125,6 +124,15 @@ def test_the_caption_command_prints_every_sampled_caption(art):
     (row,) = map(json.loads, out.getvalue().splitlines())
     assert len(row["captions"]) == 3 and row["captions"][0]["caption"] == row["caption"]
     assert all(c["caption"].split()[-1] not in ("a", "the", "of") for c in row["captions"] if c["caption"])
+
+
+@pytest.mark.parametrize("flags,says", [(["--temperature", "0"], "temperature must be > 0"),
+                                         (["--sample-method", "top-p", "--top-p", "1.5"], "0 < top_p <= 1"),
+                                         (["--beam-size", "3", "--beam-groups", "2"], "multiple of --beam-groups")])
+def test_the_caption_command_refuses_bad_controls_in_one_line(art, capsys, flags, says):
+    rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "-q", *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and says in err
 
 
 def test_the_server_takes_decoding_controls_as_query_parameters_within_limits(art):
