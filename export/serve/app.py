@@ -134,12 +134,12 @@ def decode_params(query, captioner: Captioner):
     given = {k: _decode_value(k, v) for k, v in query.items() if k in DECODE_LIMITS}
     if not given:
         return None
-    words = given.pop("bad_endings", None)
-    bad = [w for w in words.split(",") if w] if words is not None else False
-    if words is not None and len(bad) > 64:
+    words = given.pop("bad_endings", None)  # absent: none; empty: the default list; else a comma-separated list
+    bad = ([w for w in words.split(",") if w] or True) if words is not None else False
+    if isinstance(bad, list) and len(bad) > 64:
         raise Problem(400, "query parameter bad_endings: at most 64 words")
     try:
-        controls = decode_controls(captioner.vocab, bad_endings=bad if words is not None else False, **given)
+        controls = decode_controls(captioner.vocab, bad_endings=bad, **given)
         if controls.beam_groups > 1 and captioner.beam_size % controls.beam_groups:
             raise ValueError(f"beam_groups must divide the server's beam size {captioner.beam_size}")
         if captioner.search == "tutorial" and (controls.sampling or controls.beam_groups > 1):
