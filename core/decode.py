@@ -364,6 +364,8 @@ class DecodeControls:
             raise ValueError(f"sample_method top-p needs 0 < top_p <= 1, got {self.top_p}")
         if self.sample_n < 1 or self.beam_groups < 1:
             raise ValueError(f"sample_n and beam_groups must be >= 1, got {self.sample_n} and {self.beam_groups}")
+        if self.sample_n > 1 and not self.sampling:
+            raise ValueError("sample_n > 1 draws several captions: choose a sample_method other than greedy")
         if self.beam_groups > 1 and self.sampling:
             raise ValueError("beam_groups is a beam search: use it with sample_method greedy")
         if self.diversity < 0:

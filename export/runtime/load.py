@@ -29,6 +29,7 @@ import torch
 
 from core import hardware
 from core.cli import positive_int
+from core.decode import BAD_ENDINGS, SAMPLE_METHODS
 from export.manifest import (
     DEFAULT_MAX_LEN,
     ENCODER_INT8_ONNX,
@@ -39,7 +40,6 @@ from export.manifest import (
     read_manifest,
 )
 from export.runtime.backends import Backend, Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
-from core.decode import BAD_ENDINGS, SAMPLE_METHODS
 from export.runtime.captioner import Captioner, decode_controls
 
 BACKENDS = ("ort", "torchscript", "eager")

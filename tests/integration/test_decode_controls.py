@@ -128,6 +128,7 @@ def test_the_caption_command_prints_every_sampled_caption(art):
 
 @pytest.mark.parametrize("flags,says", [(["--temperature", "0"], "temperature must be > 0"),
                                          (["--sample-method", "top-p", "--top-p", "1.5"], "0 < top_p <= 1"),
+                                         (["--sample-n", "3"], "choose a sample_method other than greedy"),
                                          (["--beam-size", "3", "--beam-groups", "2"], "multiple of --beam-groups")])
 def test_the_caption_command_refuses_bad_controls_in_one_line(art, capsys, flags, says):
     rc = caption.main([str(art.image_paths[0]), "--model", str(art.export_dir), "-q", *flags])
