@@ -20,7 +20,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,14 @@ def decode_params(query, captioner: Captioner):
     return controls
 
 
+def seeded(controls, i: int):
+    """Image i of a request with a sampling seed gets seed + i, and so its own search: the captions then depend on
+    the seed and the image only, not on which other images the batcher put beside it."""
+    if controls is None or controls.seed is None or not controls.sampling:
+        return controls
+    return replace(controls, seed=controls.seed + i)
+
+
 class StatusMetrics:
     """Pure ASGI middleware: every HTTP response counted by status, timed by endpoint (no body buffering)."""
 
@@ -206,7 +214,8 @@ class CaptionService:
         if self.batcher.depth + len(images) > cfg.queue_size:
             raise self._busy(f"{self.batcher.depth} images are waiting (--queue-size {cfg.queue_size})")
         try:
-            hyps = await asyncio.gather(*(self.batcher.submit((x, controls), cfg.timeout_s) for x in images))
+            hyps = await asyncio.gather(*(self.batcher.submit((x, seeded(controls, i)), cfg.timeout_s)
+                                          for i, x in enumerate(images)))
         except QueueFull as e:
             raise self._busy(str(e)) from None
         except Stopped as e:

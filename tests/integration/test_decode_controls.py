@@ -145,10 +145,13 @@ def test_the_server_takes_decoding_controls_as_query_parameters_within_limits(ar
         def post(params):
             return httpx.post(url, files=files, params=params, timeout=60)
 
-        r = post({"sample_method": "sample", "sample_n": 3, "seed": 5, "block_trigrams": "true", "bad_endings": ""})
+        sampled = {"sample_method": "sample", "sample_n": 3, "seed": 5, "block_trigrams": "true", "bad_endings": ""}
+        r = post(sampled)
         assert r.status_code == 200, r.text
         assert [len(x["captions"]) for x in r.json()["results"]] == [3, 3]
-        assert post({"sample_method": "sample", "sample_n": 3, "seed": 5, "block_trigrams": "true"}).json() == r.json()
+        assert post(sampled).json() == r.json()  # seeded: the same captions again
+        alone = httpx.post(url, files=files[1:], params={**sampled, "seed": 6}, timeout=60).json()["results"][0]
+        assert alone["captions"] == r.json()["results"][1]["captions"]  # image i of a request: seed + i
         r = post({"beam_groups": 2, "diversity": 3})
         assert r.status_code == 200 and all(len({c["caption"] for c in x["captions"]}) == 2
                                             for x in r.json()["results"])
