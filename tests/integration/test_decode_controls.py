@@ -14,7 +14,7 @@ import pytest
 from tests.support.export_artifacts import artifacts
 from tests.support.server import Server
 
-from core.decode import DecodeControls, beam_search, decode
+from core.decode import DecodeControls, beam_search, decode, sample
 from export.runtime import EagerBackend, OrtBackend, TorchScriptBackend, caption
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,10 +74,20 @@ def test_seeded_sampling_is_reproducible_and_draws_n_per_image(backends, encodin
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_top_k_of_one_and_greedy_sampling_equal_greedy_search(backends, encodings, name):
+def test_top_k_of_one_top_p_near_zero_and_a_cold_temperature_equal_greedy_search(backends, encodings, name):
     greedy = [hs[0].tokens for hs in run(backends, encodings, name, beam=1)]
     assert [hs[0].tokens for hs in run(backends, encodings, name, sample_method="top-k", top_k=1, seed=0)] == greedy
     assert [hs[0].tokens for hs in run(backends, encodings, name, sample_method="top-p", top_p=0.01, seed=0)] == greedy
+    b = backends[name]  # the sampler's greedy rows (SCST's greedy baseline) are the beam search of size 1
+    rows = sample(encodings[name], b.step, 2, 20, b.vocab.start_id, b.vocab.end_id, method="greedy")
+    assert [r[: int(n)].tolist() for r, n in zip(rows.tokens, rows.lengths)] == [t for t in greedy for _ in range(2)]
+
+    def agree(temperature: float) -> int:  # rows of 4 samples x 8 images equal to the image's greedy caption
+        out = run(backends, encodings, name, sample_method="sample", temperature=temperature, sample_n=4, seed=0)
+        return sum(h.tokens == g for hs, g in zip(out, greedy) for h in hs)
+
+    cold, hot = agree(0.001), agree(2.0)
+    assert cold >= 28 and hot < cold  # T -> 0 draws the argmax (but for near ties); a high T spreads the draws
 
 
 @pytest.mark.parametrize("name", BACKENDS)
