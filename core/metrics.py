@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 
 from nltk.translate.bleu_score import corpus_bleu
 
-__all__ = ["corpus_bleu_scores", "cider_d", "cider_d_per_image", "caption_metrics"]
+__all__ = ["corpus_bleu_scores", "cider_d", "cider_d_per_image", "caption_metrics", "CiderD", "sentence_bleu4"]
 
 Tokens = Sequence[str]
 
@@ -123,6 +123,68 @@ def _tfidf(counts: list[Counter], df: Counter, log_num_images: float) -> tuple[l
     return vecs, norms
 
 
+class CiderD:
+    """CIDEr-D with document frequencies fixed once from a reference corpus (SCST scores samples against the
+    training split's: ``CiderD(train_references)``, then ``scorer.score(hyps, image_indices)`` per batch).
+
+    The corpus's reference vectors are computed once (lazily, per image) and reused by every call, so a batch
+    costs only its hypotheses' n-grams and one sparse dot product per reference and order.
+    """
+
+    def __init__(self, references: Sequence[Sequence[Tokens]], n: int = 4, sigma: float = 6.0):
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if len(references) == 0:
+            raise ValueError("CiderD needs at least one image's references")
+        self.references, self.n, self.sigma = references, n, sigma
+        self._ref_counts = [[_ngram_counts(r, n) for r in refs] for refs in references]
+        # document frequency: in how many images' reference sets each n-gram occurs
+        self.df: Counter = Counter()
+        for per_ref in self._ref_counts:
+            self.df.update({g for counts in per_ref for order_counts in counts for g in order_counts})
+        self.log_num_images = math.log(len(references))
+        self._ref_vecs: dict[int, list[tuple[list[dict], list[float], int]]] = {}
+
+    def _refs(self, i: int) -> list[tuple[list[dict], list[float], int]]:
+        """Image i's references as (tf-idf vectors, norms, length), computed on first use."""
+        if i not in self._ref_vecs:
+            self._ref_vecs[i] = [(*_tfidf(counts, self.df, self.log_num_images), len(ref))
+                                 for ref, counts in zip(self.references[i], self._ref_counts[i], strict=True)]
+        return self._ref_vecs[i]
+
+    def score(self, hypotheses: Sequence[Tokens], images: Sequence[int]) -> list[float]:
+        """CIDEr-D (x10) of each hypothesis against the references of corpus image ``images[j]``."""
+        if len(hypotheses) != len(images):
+            raise ValueError(f"got {len(hypotheses)} hypotheses but {len(images)} image indices")
+        n, two_sigma2 = self.n, 2.0 * self.sigma * self.sigma
+        scores = []
+        for hyp, i in zip(hypotheses, images, strict=True):
+            vec_h, norm_h = _tfidf(_ngram_counts(hyp, n), self.df, self.log_num_images)
+            refs = self._refs(int(i))
+            total = 0.0  # similarity summed over orders and references
+            for vec_r, norm_r, ref_len in refs:
+                delta = len(hyp) - ref_len
+                penalty = math.exp(-(delta * delta) / two_sigma2)
+                for k in range(n):
+                    if norm_h[k] == 0.0 or norm_r[k] == 0.0:
+                        continue
+                    hk, rk = vec_h[k], vec_r[k]
+                    # the "-D" clipping: a hypothesis n-gram weighs at most what it weighs in the reference
+                    dot = sum(min(v, rk[g]) * rk[g] for g, v in hk.items() if g in rk)
+                    total += penalty * dot / (norm_h[k] * norm_r[k])
+            scores.append(10.0 * total / n / len(refs))
+        return scores
+
+
+def sentence_bleu4(hypotheses: Sequence[Tokens], references: Sequence[Sequence[Tokens]]) -> list[float]:
+    """BLEU-4 of each hypothesis alone (nltk sentence_bleu, smoothing method 1: a short sample is not 0)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    smooth = SmoothingFunction().method1
+    return [float(sentence_bleu([list(r) for r in refs], list(h), smoothing_function=smooth)) if h else 0.0
+            for h, refs in zip(hypotheses, references, strict=True)]
+
+
 def cider_d_per_image(
     hypotheses: Sequence[Tokens],
     references: Sequence[Sequence[Tokens]],
@@ -131,34 +193,7 @@ def cider_d_per_image(
 ) -> list[float]:
     """CIDEr-D of each image (already x10); ``cider_d`` is their mean. See the module docstring."""
     _check_corpus(hypotheses, references)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    ref_counts = [[_ngram_counts(r, n) for r in refs] for refs in references]
-    hyp_counts = [_ngram_counts(h, n) for h in hypotheses]
-
-    # document frequency: in how many images' reference sets each n-gram occurs
-    df: Counter = Counter()
-    for per_ref in ref_counts:
-        df.update({g for counts in per_ref for order_counts in counts for g in order_counts})
-    log_num_images = math.log(len(references))
-
-    scores = []
-    for hyp, refs, counts_h, per_ref in zip(hypotheses, references, hyp_counts, ref_counts, strict=True):
-        vec_h, norm_h = _tfidf(counts_h, df, log_num_images)
-        per_order = [0.0] * n  # similarity of each order, summed over the references
-        for ref, counts_r in zip(refs, per_ref, strict=True):
-            vec_r, norm_r = _tfidf(counts_r, df, log_num_images)
-            delta = len(hyp) - len(ref)
-            penalty = math.exp(-(delta * delta) / (2.0 * sigma * sigma))
-            for k in range(n):
-                if norm_h[k] == 0.0 or norm_r[k] == 0.0:
-                    continue
-                hk, rk = vec_h[k], vec_r[k]
-                # the "-D" clipping: a hypothesis n-gram weighs at most what it weighs in the reference
-                dot = sum(min(v, rk[g]) * rk[g] for g, v in hk.items() if g in rk)
-                per_order[k] += penalty * dot / (norm_h[k] * norm_r[k])
-        scores.append(10.0 * (sum(per_order) / n) / len(refs))
-    return scores
+    return CiderD(references, n=n, sigma=sigma).score(hypotheses, range(len(hypotheses)))
 
 
 def cider_d(

@@ -98,6 +98,19 @@ class TrainConfig:
     coco_eval: bool = _f(True, "at the end: the COCO caption metrics (pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, "
                                "CIDEr-D, SPICE when installed) of test_results.json, the numbers papers report")
     num_examples: int = _f(4, "captioned val images with attention figures written at the end")
+    # ------------------------------------------------------------------ self-critical sequence training (docs/scst.md)
+    scst: bool = _f(False, "train by self-critical sequence training (CIDEr-D reward, policy gradient) instead of "
+                           "cross-entropy: start from a cross-entropy model (--init-from, or --resume); the "
+                           "reference lr is 5e-5 (--decoder-lr)")
+    scst_after: int = _f(0, "switch from cross-entropy to SCST once this many optimizer steps are done (0: never; "
+                            "--scst: from the start)")
+    scst_samples: int = _f(5, "captions sampled per image per SCST step (all in one batched pass)")
+    scst_baseline: str = _f("greedy", "the reward subtracted from each sample's: greedy (the greedy caption's, "
+                                      "Rennie et al.) or mean (the mean of the image's other samples)",
+                            ["greedy", "mean"])
+    scst_cider_weight: float = _f(1.0, "weight of CIDEr-D (document frequencies of the train split) in the reward")
+    scst_bleu_weight: float = _f(0.0, "weight of sentence BLEU-4 in the reward")
+    scst_alpha_c: float = _f(0.0, "weight of the doubly stochastic attention regularizer during SCST (0: off)")
     # ------------------------------------------------------------------ run control
     seed: int = _f(42, "random seed (model init, sampling order, caption choice, augmentation)")
     deterministic: bool = _f(False, "torch.use_deterministic_algorithms, 0 workers: bit-exact resume")
@@ -130,6 +143,10 @@ class TrainConfig:
             raise ValueError("--lr-schedule cosine decays to 0 at --max-steps: give --max-steps N")
         if self.hflip and not self.random_crop:
             raise ValueError("--hflip is part of the random-crop augmentation; it needs --random-crop")
+        if self.scst_samples < 1 or (self.scst_baseline == "mean" and self.scst_samples < 2):
+            raise ValueError(f"scst_samples must be >= 1 (>= 2 with --scst-baseline mean), got {self.scst_samples}")
+        if self.scst_after < 0 or self.scst_cider_weight < 0 or self.scst_bleu_weight < 0:
+            raise ValueError("--scst-after and the SCST reward weights must be >= 0")
         if self.fine_tune_encoder and not self.encoder_pretrained:
             raise ValueError("--fine-tune-encoder is for pretrained weights; with --encoder-weights none "
                              "the whole encoder is trained anyway")

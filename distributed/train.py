@@ -51,6 +51,7 @@ from distributed.eval_loop import coco_results, coco_test_metrics, evaluate, val
 from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
 from distributed.optim import build_optimizer, build_scheduler, clip_gradients
 from distributed.run_outputs import fmt_coco, fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
+from distributed.scst import Scst
 
 
 class TrainingError(RuntimeError):
@@ -82,6 +83,7 @@ class Trainee:
     scheduler: Any  # ReduceLROnPlateau (stepped per epoch) or LambdaLR (per step)
     scaler: torch.amp.GradScaler  # enabled for fp16 only: a no-op otherwise, so the loop has no fp16 branches
     autocast: Any  # torch.autocast(...) or nullcontext()
+    scst: Scst | None = None  # the SCST stage (--scst, --scst-after): distributed/scst.py
 
     def checkpoint(self, vocab: Vocabulary, state: TrainState, cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
         train_state = {k: v for k, v in asdict(state).items() if k != "history"}
@@ -159,6 +161,14 @@ def resume(trainee: Trainee, path: Path, cfg: TrainConfig, vocab: Vocabulary, en
 
 
 # ------------------------------------------------------------------------------------------------- train/evaluate
+def step_loss(t: Trainee, batch, cfg: TrainConfig, state: TrainState) -> torch.Tensor:
+    """The loss of one batch: cross-entropy, or SCST's policy gradient once its stage has begun."""
+    if t.scst is not None and t.scst.active(state.step):
+        return t.scst.loss(t.model, t.ddp, batch.images, batch.indices)
+    logits, alphas = t.ddp(batch.images, batch.captions, batch.lengths)
+    return caption_loss(logits, batch.captions, batch.lengths, alphas, cfg.alpha_c)
+
+
 def update(t: Trainee, mean_loss: float, cfg: TrainConfig, state: TrainState) -> None:
     """Apply the gradients of one step (already backpropagated); stop on a loss that cannot be trained on."""
     if not math.isfinite(mean_loss) and not t.scaler.is_enabled():
@@ -201,8 +211,7 @@ def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: T
     tick = time.perf_counter()
     for batch in bar:
         with t.autocast:
-            logits, alphas = t.ddp(batch.images, batch.captions, batch.lengths)
-            loss = caption_loss(logits, batch.captions, batch.lengths, alphas, cfg.alpha_c)
+            loss = step_loss(t, batch, cfg, state)
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
         over_budget = budget_s > 0 and state.train_seconds + (time.perf_counter() - tick) >= budget_s
@@ -219,7 +228,8 @@ def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: T
         bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{samples / max(seconds, 1e-9):.1f}", refresh=False)
         if show and not tty and cfg.log_every and state.step % cfg.log_every == 0:
             print0(env, f"epoch {state.epoch + 1} batch {state.batches_done}/{loader.num_batches} step {state.step} | "
-                        f"loss {mean_loss:.3f} | {samples / max(seconds, 1e-9):.1f} samples/s")
+                        f"loss {mean_loss:.3f} | {samples / max(seconds, 1e-9):.1f} samples/s"
+                        f"{t.scst.summary() if t.scst else ''}")
         stop = "max steps" if cfg.max_steps and state.step >= cfg.max_steps else "time budget" if over_budget else None
         if cfg.save_every and state.step % cfg.save_every == 0 and not stop:  # (a stop saves after its eval)
             broadcast_buffers(t.model)
@@ -318,6 +328,13 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     if env.distributed:
         t.ddp = DDP(t.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     loaders = build_loaders(cfg, data, vocab, env)
+    if cfg.scst or cfg.scst_after:
+        t.scst = Scst.from_config(cfg, loaders.train.table, vocab)
+        if cfg.scst and not cfg.init_from and resume_path is None:
+            warn0(env, "--scst from randomly initialized weights: start from a cross-entropy model (--init-from PATH "
+                       "or --resume), or use --scst-after N")
+        print0(env, f"SCST from step {t.scst.start_step}: {cfg.scst_samples} samples per image, {cfg.scst_baseline} "
+                    f"baseline, reward {cfg.scst_cider_weight:g} x CIDEr-D + {cfg.scst_bleu_weight:g} x BLEU-4")
     if env.is_main:
         vocab.save(out / "vocab.json")
         cfg.save(out / "config.json", world_size=env.world_size, device=str(env.device), loader=loaders.kind,

@@ -22,7 +22,7 @@ from export.runtime.backends import (
     resolve_providers,
     torch_threads,
 )
-from export.runtime.captioner import Captioner, CaptionResult
+from export.runtime.captioner import Captioner, CaptionResult, decode_controls
 from export.runtime.load import (
     BACKENDS,
     PRECISIONS,
@@ -49,6 +49,7 @@ __all__ = [
     "VocabFormatError",
     "add_model_args",
     "check_images",
+    "decode_controls",
     "default_preprocess",
     "inference_threads",
     "load_backend",

@@ -4,9 +4,12 @@
     python -m export.caption --data DATA_DIR --split test --limit 8 --model exported/     # held-out dataset images
     python -m export.caption --file-list files.txt --model runs/x/best.pt --backend eager
     python -m export.caption IMG --model tutorial.pt --backend eager --search tutorial  # the tutorial's captions
+    python -m export.caption IMG --model exported/ --sample-method top-p --top-p 0.9 --sample-n 3 --seed 0
+    python -m export.caption IMG --model exported/ --beam-size 6 --beam-groups 3 --block-trigrams --bad-endings
 
 Output, one line per image on stdout: ``path<TAB>caption``, or with --json a JSON object per line
-``{"file", "caption", "score"}``. A file that is not a readable image gets an ``error: ...`` line on stderr naming
+``{"file", "caption", "score"}`` (several captions per image, --sample-n or --beam-groups: one line per caption, or
+a ``captions`` list in the JSON). The decoding controls are described in docs/decoding.md. A file that is not a readable image gets an ``error: ...`` line on stderr naming
 it (``{"file", "error"}`` on stdout with --json); the others are still captioned and the exit code is 1.
 Directories are expanded to the image files they hold (not recursive); URLs are refused (download first).
 With --data, BLEU-1..4 and CIDEr-D against the dataset's reference captions are printed on stderr at the end (the fast
@@ -40,7 +43,7 @@ from core.cli import positive_int, run_main
 from core.fileio import printable
 from core.images import IMAGE_EXTENSIONS, release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
-from export.runtime.load import add_model_args, load_captioner, model_load_errors
+from export.runtime.load import add_model_args, check_decode_args, load_captioner, model_load_errors
 
 log = get_logger("caption")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -251,7 +254,8 @@ def caption_all(args: argparse.Namespace, captioner, inputs: Inputs) -> Tally:
                 continue
             tally.captioned += 1
             # printable: a name holding a tab and a newline must not print a second, fake result line
-            print(json.dumps(r.to_json()) if args.json else f"{printable(r.path)}\t{printable(r.caption)}", flush=True)
+            lines = [json.dumps(r.to_json())] if args.json else [f"{printable(r.path)}\t{printable(c)}" for c in r.captions]
+            print("\n".join(lines), flush=True)  # (sample_n / beam_groups > 1: one line per caption)
             if r.path in inputs.references:
                 tally.hyps.append(r.words)
                 tally.refs.append(inputs.references[r.path])
@@ -300,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.results_json and not args.data:
             raise InputError("--results-json needs --data DIR (the image ids are the dataset's names)")
+        check_decode_args(args)
         inputs = gather_inputs(args)
-    except InputError as e:
+    except (InputError, ValueError) as e:
         print(f"error: {printable(str(e))}", file=sys.stderr)
         return 2
     try:

@@ -7,12 +7,19 @@
 
 Files are read by core.images (the one image loader) and transformed as the manifest's ``preprocess`` section
 says, which is core.images' eval transform.
+
+Decoding controls (sampling, diverse beam search, trigram blocking, bad endings: core.decode.DecodeControls) are
+the Captioner's ``controls``, or per call (``decode_tensors(images, controls)``); with several captions per image
+(``sample_n``, ``beam_groups``) a CaptionResult's ``alternatives`` holds the others:
+
+    controls = decode_controls(captioner.vocab, sample_method="top-p", top_p=0.9, sample_n=3, seed=0)
+    Captioner(backend, controls=controls)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.decode import Hypothesis, beam_search, check_search
+from core.decode import BAD_ENDINGS, DecodeControls, Hypothesis, bad_ending_ids, check_search, decode
 from core.hardware import cpu_cores
 from core.images import ImageLoadError, PixelBudget, decode_rgb, open_image, reduce_jpeg_scale
 from core.vocab import Vocabulary
@@ -37,6 +44,7 @@ class CaptionResult:
     score: float = float("nan")
     alphas: Tensor | None = None  # [len(words), P], when keep_alphas
     error: str | None = None
+    alternatives: list[tuple[str, float]] = field(default_factory=list)  # (caption, score) of the others, if asked
 
     @property
     def ok(self) -> bool:
@@ -45,7 +53,23 @@ class CaptionResult:
     def to_json(self) -> dict[str, Any]:
         if self.error is not None:
             return {"file": self.path, "error": self.error}
-        return {"file": self.path, "caption": self.caption, "score": round(self.score, 6)}
+        out = {"file": self.path, "caption": self.caption, "score": round(self.score, 6)}
+        if self.alternatives:
+            out["captions"] = [{"caption": c, "score": round(s, 6)} for c, s in [(self.caption, self.score),
+                                                                               *self.alternatives]]
+        return out
+
+    @property
+    def captions(self) -> list[str]:
+        """Every caption of the image: the first, then the alternatives."""
+        return [self.caption, *(c for c, _ in self.alternatives)]
+
+
+def decode_controls(vocab: Vocabulary, bad_endings: bool | Sequence[str] = False, **fields: Any) -> DecodeControls:
+    """core.decode.DecodeControls with the bad endings as words: True (core.decode.BAD_ENDINGS), a list, or off."""
+    words = BAD_ENDINGS if bad_endings is True else (bad_endings or ())
+    ids = bad_ending_ids(words, vocab.stoi.get) if words else ()
+    return DecodeControls(bad_ending_ids=ids, **fields)
 
 
 def _chunks(paths: Iterable[str | os.PathLike], size: int) -> Iterator[list[str]]:
@@ -64,7 +88,7 @@ class Captioner:
 
     def __init__(self, backend: Backend, vocab: Vocabulary | None = None, beam_size: int = 5,
                  max_len: int | None = None, length_norm: float = 0.0, preprocess: dict[str, Any] | None = None,
-                 search: str = "default"):
+                 search: str = "default", controls: DecodeControls | None = None):
         self.backend = backend
         self.vocab = vocab or backend.vocab
         if self.vocab is None:
@@ -78,17 +102,33 @@ class Captioner:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         self.length_norm = length_norm
         self.search = search  # "default", or "tutorial": the tutorial's caption_image_beam_search decisions
+        self.controls = controls or DecodeControls()  # sampling, diverse beams, trigram blocking, bad endings
+        self._check(self.controls)
         self.transform = transform_for(preprocess or backend.preprocess)
         self.image_size = int((preprocess or backend.preprocess)["image_size"])
         self.budget = PixelBudget()  # caption_paths' loader threads: one image of the pixel limit at a time
 
+    def _check(self, controls: DecodeControls) -> None:
+        if controls.beam_groups > 1 and self.beam_size % controls.beam_groups:
+            raise ValueError(f"beam_size ({self.beam_size}) must be a multiple of beam_groups ({controls.beam_groups})")
+        if self.search == "tutorial" and (controls.sampling or controls.beam_groups > 1):
+            raise ValueError("the tutorial search is a beam search: it cannot sample or use beam groups")
+
     def caption_tensors(self, images: Tensor) -> list[Hypothesis]:
-        """Preprocessed images [N,3,S,S] float32 -> one Hypothesis per image."""
+        """Preprocessed images [N,3,S,S] float32 -> one Hypothesis per image (the first of decode_tensors')."""
+        return [hyps[0] for hyps in self.decode_tensors(images)]
+
+    def decode_tensors(self, images: Tensor, controls: DecodeControls | None = None) -> list[list[Hypothesis]]:
+        """Preprocessed images [N,3,S,S] float32 -> the captions of each image under ``controls`` (default: the
+        Captioner's): one, or sample_n / beam_groups of them."""
+        controls = controls or self.controls
+        if controls is not self.controls:
+            self._check(controls)
         images = self.backend.check_images(images)
         with torch_threads(self.backend.search_threads):
             encoded = self.backend.encode(images)
-            return beam_search(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
-                               self.vocab.end_id, length_norm=self.length_norm, search=self.search)
+            return decode(encoded, self.backend.step, self.beam_size, self.max_len, self.vocab.start_id,
+                          self.vocab.end_id, length_norm=self.length_norm, search=self.search, controls=controls)
 
     def caption(self, images: Tensor) -> list[str]:
         return [self.vocab.decode(h.tokens) for h in self.caption_tensors(images)]
@@ -111,17 +151,18 @@ class Captioner:
 
     def _results(self, chunk: list[str], loaded: list[Tensor | str], keep_alphas: bool) -> Iterator[CaptionResult]:
         good = [i for i, x in enumerate(loaded) if isinstance(x, Tensor)]
-        hyps: dict[int, Hypothesis] = {}
+        hyps: dict[int, list[Hypothesis]] = {}
         if good:
-            hyps = dict(zip(good, self.caption_tensors(torch.stack([loaded[i] for i in good]))))
+            hyps = dict(zip(good, self.decode_tensors(torch.stack([loaded[i] for i in good]))))
         for i, p in enumerate(chunk):
             if i not in hyps:
                 yield CaptionResult(p, error=loaded[i])
                 continue
-            hyp = hyps[i]
+            hyp, *others = hyps[i]
             words = self.vocab.decode_tokens(hyp.tokens)
             alphas = self.word_alphas(hyp, words) if keep_alphas else None
-            yield CaptionResult(p, " ".join(words), words, hyp.score, alphas)
+            alternatives = [(self.vocab.decode(h.tokens), h.score) for h in others]
+            yield CaptionResult(p, " ".join(words), words, hyp.score, alphas, alternatives=alternatives)
 
     def word_alphas(self, hyp: Hypothesis, words: list[str]) -> Tensor:
         """The attention rows [len(words), P] of ``words`` = ``vocab.decode_tokens(hyp.tokens)``."""

@@ -29,6 +29,7 @@ import torch
 
 from core import hardware
 from core.cli import positive_int
+from core.decode import BAD_ENDINGS, SAMPLE_METHODS
 from export.manifest import (
     DEFAULT_MAX_LEN,
     ENCODER_INT8_ONNX,
@@ -39,7 +40,7 @@ from export.manifest import (
     read_manifest,
 )
 from export.runtime.backends import Backend, Bf16EncoderBackend, EagerBackend, OrtBackend, TorchScriptBackend
-from export.runtime.captioner import Captioner
+from export.runtime.captioner import Captioner, decode_controls
 
 BACKENDS = ("ort", "torchscript", "eager")
 PRECISIONS = (*hardware.PRECISIONS, "fp16")  # fp16: the fp16 graphs, ONNX Runtime on CUDA
@@ -166,10 +167,52 @@ def add_model_args(p: argparse.ArgumentParser, beam_size: int = 5) -> None:
     g.add_argument("--search", choices=["default", "tutorial"], default="default",
                    help="default: keeps every finished caption; tutorial: the decisions of the PyTorch tutorial's "
                         "caption_image_beam_search (its captions, word for word; see docs/tutorial.md)")
+    add_decode_args(p)
     g.add_argument("--no-verify", action="store_true", help="skip the manifest sha256 check of the model files")
     g.add_argument("--expect-sha256", metavar="HEX", default=None,
                    help="refuse the model unless manifest.json (or the checkpoint file) has this sha256, the one "
                         "the exporter logged: the manifest's hashes only catch files changed without it")
+
+
+def add_decode_args(p: argparse.ArgumentParser) -> None:
+    """The decoding controls (core.decode.DecodeControls; docs/decoding.md); their defaults change nothing."""
+    g = p.add_argument_group("decoding controls (docs/decoding.md)")
+    g.add_argument("--sample-method", choices=SAMPLE_METHODS, default="greedy",
+                   help="greedy (default): the beam search; sample: draw each word from the softmax; top-k / top-p: "
+                        "from the k most likely words / the smallest set of probability p")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling: divide the log-probabilities by this")
+    g.add_argument("--top-k", type=positive_int, default=None, help="with --sample-method top-k: k")
+    g.add_argument("--top-p", type=float, default=None, help="with --sample-method top-p: p in (0, 1]")
+    g.add_argument("--sample-n", type=positive_int, default=1, help="sampling: captions per image (default 1)")
+    g.add_argument("--seed", type=int, default=None, help="sampling: seed (the same seed, the same captions)")
+    g.add_argument("--beam-groups", type=positive_int, default=1,
+                   help="diverse beam search: split --beam-size beams into this many groups, one caption each")
+    g.add_argument("--diversity", type=float, default=0.5,
+                   help="diverse beam search: penalty per earlier group that chose the same word at the same step")
+    g.add_argument("--block-trigrams", action="store_true", help="never repeat a trigram within a caption")
+    g.add_argument("--bad-endings", nargs="?", const=",".join(BAD_ENDINGS), default="", metavar="WORDS",
+                   help="a caption may not end on one of these comma-separated words (alone: "
+                        f"{','.join(BAD_ENDINGS)}); enforced inside the search")
+
+
+def check_decode_args(args: argparse.Namespace) -> None:
+    """A ValueError naming the flag when the decoding controls cannot work together (before any model loads)."""
+    try:
+        controls_from_args(args, None)
+    except ValueError as e:
+        raise ValueError(f"decoding controls: {e} (--sample-method, --temperature, --top-k, --top-p, --sample-n, "
+                         f"--beam-groups, --diversity)") from None
+    if args.beam_size % args.beam_groups:
+        raise ValueError(f"--beam-size ({args.beam_size}) must be a multiple of --beam-groups ({args.beam_groups})")
+
+
+def controls_from_args(args: argparse.Namespace, vocab):
+    """core.decode.DecodeControls from the flags of :func:`add_decode_args` (a ValueError names a bad value)."""
+    words = [w.strip() for w in args.bad_endings.split(",") if w.strip()]
+    return decode_controls(vocab, bad_endings=words if vocab is not None else (), sample_method=args.sample_method, temperature=args.temperature,
+                           top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                           sample_n=args.sample_n, seed=args.seed, beam_groups=args.beam_groups,
+                           diversity=args.diversity, block_trigrams=args.block_trigrams)
 
 
 def inference_threads(requested: int | None) -> tuple[int, str]:
@@ -189,4 +232,4 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
     backend = load_backend(args.backend, args.model, threads=threads, device=None if args.device == "auto" else args.device,
                            verify=not args.no_verify, precision=args.precision, expect_sha256=args.expect_sha256)
     return Captioner(backend, beam_size=args.beam_size, max_len=args.max_decode_len, length_norm=args.length_norm,
-                     search=args.search)
+                     search=args.search, controls=controls_from_args(args, backend.vocab))

@@ -3,6 +3,8 @@
     app = create_app(captioner, ServeConfig(model=Path("exported")))   # served by export/serve/server.py (uvicorn)
 
     POST /v1/captions[?attention=1]  multipart 'image' file fields, or one raw image body -> {"results": [...]}
+         decoding controls as query parameters (docs/decoding.md): sample_method, temperature, top_k, top_p,
+         sample_n, seed, beam_groups, diversity, block_trigrams, bad_endings (within DECODE_LIMITS)
     GET  /                           the web page (export/serve/static/index.html, self-contained)
     GET  /healthz  GET /v1/model  GET /metrics
 
@@ -18,7 +20,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from core.decode import Hypothesis
 from core.images import MAX_PIXELS
 from export.serve.batcher import BatcherConfig, DynamicBatcher, QueueFull, Stopped
-from export.runtime import Captioner
+from export.runtime import Captioner, decode_controls
 from export.serve.inputs import Problem, decode_uploads, read_uploads
 from export.serve.metrics import ServeMetrics
 
@@ -38,6 +40,14 @@ STATIC = Path(__file__).resolve().parent / "static"
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
             "connect-src 'self'; form-action 'none'; base-uri 'none'")
 ENDPOINTS = ("/", "/healthz", "/v1/model", "/v1/captions", "/metrics")
+# Query parameters of the decoding controls: (type, low, high). A request's controls cost at most sample_n rows
+# (or the server's beam) per image, so the server's own limits bound the work.
+DECODE_LIMITS: dict[str, tuple[type, float, float]] = {
+    "sample_method": (str, 0, 0), "temperature": (float, 0.05, 10.0), "top_k": (int, 1, 1000),
+    "top_p": (float, 0.01, 1.0), "sample_n": (int, 1, 10), "seed": (int, 0, 2**31 - 1),
+    "beam_groups": (int, 1, 16), "diversity": (float, 0.0, 100.0), "block_trigrams": (bool, 0, 1),
+    "bad_endings": (str, 0, 0),
+}
 
 
 @dataclass
@@ -73,6 +83,15 @@ def hypothesis_json(captioner: Captioner, hyp: Hypothesis, attention: bool) -> d
     return out
 
 
+def results_json(captioner: Captioner, hyps: list[Hypothesis], attention: bool) -> dict[str, Any]:
+    """The first caption's result; with several (sample_n, beam_groups), all of them under "captions"."""
+    out = hypothesis_json(captioner, hyps[0], attention)
+    if len(hyps) > 1:
+        out["captions"] = [{"caption": captioner.vocab.decode(h.tokens), "score": round(float(h.score), 6)}
+                           for h in hyps]
+    return out
+
+
 def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
     """GET /v1/model: what the manifest says, and how this server runs it."""
     backend = captioner.backend
@@ -89,6 +108,53 @@ def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
             "batching": asdict(cfg.batcher), "limits": {"max_body_mb": cfg.max_body_mb,
                                                         "max_images": cfg.max_images, "max_pixels": cfg.max_pixels,
                                                         "timeout_s": cfg.timeout_s}}
+
+
+def _decode_value(name: str, raw: str) -> Any:
+    kind, low, high = DECODE_LIMITS[name]
+    if kind is str:
+        return raw
+    if kind is bool:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise Problem(400, f"query parameter {name}={raw!r}: expected true or false")
+        return raw.lower() in ("1", "true", "yes", "on")
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise Problem(400, f"query parameter {name}={raw!r}: expected {'an integer' if kind is int else 'a number'}") \
+            from None
+    if not low <= value <= high:
+        raise Problem(400, f"query parameter {name}={raw!r}: must be between {low:g} and {high:g}")
+    return value
+
+
+def decode_params(query, captioner: Captioner):
+    """The request's decoding controls (None: the server's), each parameter within DECODE_LIMITS; a 400 names the
+    bad one."""
+    given = {k: _decode_value(k, v) for k, v in query.items() if k in DECODE_LIMITS}
+    if not given:
+        return None
+    words = given.pop("bad_endings", None)  # absent: none; empty: the default list; else a comma-separated list
+    bad = ([w for w in words.split(",") if w] or True) if words is not None else False
+    if isinstance(bad, list) and len(bad) > 64:
+        raise Problem(400, "query parameter bad_endings: at most 64 words")
+    try:
+        controls = decode_controls(captioner.vocab, bad_endings=bad, **given)
+        if controls.beam_groups > 1 and captioner.beam_size % controls.beam_groups:
+            raise ValueError(f"beam_groups must divide the server's beam size {captioner.beam_size}")
+        if captioner.search == "tutorial" and (controls.sampling or controls.beam_groups > 1):
+            raise ValueError("this server runs the tutorial search: it cannot sample or use beam groups")
+    except ValueError as e:
+        raise Problem(400, f"decoding controls: {e}") from None
+    return controls
+
+
+def seeded(controls, i: int):
+    """Image i of a request with a sampling seed gets seed + i, and so its own search: the captions then depend on
+    the seed and the image only, not on which other images the batcher put beside it."""
+    if controls is None or controls.seed is None or not controls.sampling:
+        return controls
+    return replace(controls, seed=controls.seed + i)
 
 
 class StatusMetrics:
@@ -125,12 +191,22 @@ class CaptionService:
         self.batcher = DynamicBatcher(self._run_batch, cfg.batcher, metrics.on_batch, metrics.on_depth)
         self.decode_pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
 
-    def _run_batch(self, images: list[torch.Tensor]) -> list[Hypothesis]:
+    def _run_batch(self, items: list[tuple[torch.Tensor, Any]]) -> list[list[Hypothesis]]:
+        """(image, decoding controls) items -> the captions of each; one search per distinct controls."""
+        out: list[list[Hypothesis]] = [[] for _ in items]
+        groups: dict[Any, list[int]] = {}
+        for i, (_, controls) in enumerate(items):
+            groups.setdefault(controls, []).append(i)
         with torch.inference_mode():
-            return self.captioner.caption_tensors(torch.stack(images))  # (N, 3, S, S) -> N hypotheses
+            for controls, rows in groups.items():  # (N, 3, S, S) -> N lists of hypotheses
+                for i, hyps in zip(rows, self.captioner.decode_tensors(torch.stack([items[i][0] for i in rows]),
+                                                                       controls)):
+                    out[i] = hyps
+        return out
 
     async def caption(self, request: Request, attention: bool) -> dict[str, Any]:
         cfg = self.cfg
+        controls = decode_params(request.query_params, self.captioner)
         uploads = await read_uploads(request, int(cfg.max_body_mb * 2**20), cfg.max_images)
         loop = asyncio.get_running_loop()
         images = await loop.run_in_executor(self.decode_pool, decode_uploads, uploads, self.captioner.transform,
@@ -138,7 +214,8 @@ class CaptionService:
         if self.batcher.depth + len(images) > cfg.queue_size:
             raise self._busy(f"{self.batcher.depth} images are waiting (--queue-size {cfg.queue_size})")
         try:
-            hyps = await asyncio.gather(*(self.batcher.submit(x, cfg.timeout_s) for x in images))
+            hyps = await asyncio.gather(*(self.batcher.submit((x, seeded(controls, i)), cfg.timeout_s)
+                                          for i, x in enumerate(images)))
         except QueueFull as e:
             raise self._busy(str(e)) from None
         except Stopped as e:
@@ -146,7 +223,7 @@ class CaptionService:
         except asyncio.TimeoutError:
             raise Problem(504, f"not captioned within {cfg.timeout_s:g} s (--timeout-s); the server is overloaded") \
                 from None
-        return {"results": [hypothesis_json(self.captioner, h, attention) for h in hyps]}
+        return {"results": [results_json(self.captioner, h, attention) for h in hyps]}
 
     def _busy(self, why: str) -> Problem:
         retry = max(1, math.ceil(self.cfg.max_wait_ms / 1000 + self.batcher.depth / max(self.cfg.max_batch, 1)))
