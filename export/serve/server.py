@@ -29,8 +29,12 @@ from core.images import release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.runtime import add_model_args, load_captioner, model_load_errors
 from export.serve.app import ServeConfig, create_app
+from export.serve.guards import is_loopback
+from export.serve.limits import check_config, connection_limits
+from export.serve.protocol import guarded_protocol
 
 log = get_logger("serve")
+FD_RESERVE = 64  # open files besides client connections: the model, the listening socket, logs, spooled uploads
 
 def build_parser() -> argparse.ArgumentParser:
     d = ServeConfig()
@@ -53,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest width x height decoded (default core.images.MAX_PIXELS)")
     p.add_argument("--decode-threads", type=positive_int, default=d.decode_threads,
                    help="threads decoding uploads (default 2)")
+    p.add_argument("--max-request-pixels", type=positive_int, default=d.max_request_pixels,
+                   help="pixels of all images of one request as they will decode (JPEGs at their reduced scale), "
+                        "read from their headers before any decode; more: 413 (default core.images.MAX_PIXELS)")
+    p.add_argument("--max-decode-pixels", type=positive_int, default=d.max_decode_pixels,
+                   help="pixels waiting for or in the decode threads, all requests together; more: 503 "
+                        "(default twice MAX_PIXELS)")
+    p.add_argument("--max-inflight-mb", type=positive_float, default=d.max_inflight_mb,
+                   help="MiB of request bodies being received or held, all requests together; more: 503 "
+                        "(default 128)")
+    p.add_argument("--max-header-kb", type=positive_float, default=d.max_header_kb,
+                   help="KiB of request line and headers; more: 431 and the connection is closed (default 32)")
+    p.add_argument("--header-timeout-s", type=positive_float, default=d.header_timeout_s,
+                   help="seconds for a request's headers to arrive; then 408 and close (default 10)")
+    p.add_argument("--body-timeout-s", type=positive_float, default=d.body_timeout_s,
+                   help="seconds for a request's body to arrive after its headers; then 408 and close (default 20)")
+    p.add_argument("--max-connections", type=positive_int, default=d.max_connections,
+                   help="open connections; more are answered 503 and closed (default 128)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a Host name to answer besides the loopback names and the address bound (repeat; '*': any); "
+                        "other Host headers get 421")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may POST here (repeat; '*': any); "
+                        "cross-origin POSTs from others get 403")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     add_verbosity_args(p)
     return p
@@ -63,7 +90,9 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
-    return ServeConfig(**values)
+    cfg = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    check_config(cfg)
+    return cfg
 
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn starts, so port 0 is resolved and said in the log."""
@@ -73,6 +102,35 @@ def bind(host: str, port: int) -> socket.socket:
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
+
+def warn_if_exposed(host: str) -> None:
+    """Beyond loopback anyone who can reach the port may use the server: say so, and what to put in front."""
+    if not is_loopback(host):
+        log.warning("--host %s: the server is reachable from other machines, with no TLS and no authentication; "
+                    "put a TLS proxy with authentication in front of it (docs/serving.md) and name the host it "
+                    "is reached by with --allowed-host", host)
+
+
+def fit_connections_to_fd_limit(max_connections: int) -> int:
+    """--max-connections, lowered where the open-file limit (raised to its hard limit where possible) would run
+    out first: past it accept() fails and no one is served."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max_connections + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("--max-connections %d lowered to %d: the open-file limit is %d", max_connections,
+                    max(1, soft - FD_RESERVE), soft)
+        return max(1, soft - FD_RESERVE)
+    return max_connections
+
 
 def _event_loop_runner():
     """uvloop's run where installed (its event loop costs less CPU per request than asyncio's), else asyncio's."""
@@ -88,6 +146,7 @@ def serve(cfg: ServeConfig, captioner, sock: socket.socket) -> None:
     host, port = sock.getsockname()[:2]
     app = create_app(captioner, cfg)
     config = uvicorn.Config(app, log_level="warning", access_log=cfg.access_log, lifespan="on",
+                            http=guarded_protocol(connection_limits(cfg)), timeout_keep_alive=5,
                             timeout_graceful_shutdown=cfg.timeout_s + 5)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
     log.info("%s, beam %d, batches of up to %d (wait <= %g ms); serving on %s", captioner.backend.describe(),
@@ -109,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warn_if_exposed(cfg.host)
+    cfg.max_connections = fit_connections_to_fd_limit(cfg.max_connections)
     try:
         sock = bind(cfg.host, cfg.port)  # first: a taken port is said before the model takes seconds to load
     except OSError as e:
