@@ -74,13 +74,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # answered and closing: what the client still sends is dropped unparsed
-        while data and self.parser is not None and not self.transport.is_closing():
+        while data and self.parser is not None and not self._lingering and not self.transport.is_closing():
             room = len(data) if self._in_body else self.limits.max_header_bytes + 1 - self._header_bytes
             chunk, data = data[:room], data[room:]
             if not self._in_body:
                 self._header_bytes += len(chunk)
             super().data_received(chunk)
-            if not self._in_body and self._header_bytes > self.limits.max_header_bytes \
+            if not self._in_body and self._header_bytes > self.limits.max_header_bytes and not self._lingering \
                     and not self.transport.is_closing():
                 log.warning("request headers over %d bytes (--max-header-kb): 431, connection closed",
                             self.limits.max_header_bytes)
@@ -156,12 +156,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._answer(status, message)
 
     def _answer(self, status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        if self._lingering or self.transport.is_closing():
+            return
         self.transport.write(error_response(status, message, extra))
         self._linger()
 
     def _linger(self) -> None:
         """Close after the answer, reading and dropping what the client still sends for up to LINGER_S: closing
         with unread bytes would reset the connection, and the client could lose the answer before reading it."""
+        if self._lingering:
+            return
         self._lingering = True
         self.flow.resume_reading()
         if self.transport.can_write_eof():

@@ -100,6 +100,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # now: clients that connect once "serving on" is said wait in the backlog, not refused
     sock.set_inheritable(True)
     return sock
 
