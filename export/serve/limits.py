@@ -9,7 +9,7 @@ handlers that keep every refusal in the server's own error format.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,10 +19,8 @@ from export.serve.guards import HostAndOriginGuard, allowed_hosts_for
 from export.serve.intake import IntakeConfig
 from export.serve.protocol import ConnectionLimits
 
-if TYPE_CHECKING:
-    from export.serve.app import ServeConfig
-
 MIB = 2**20
+ServeConfig = Any  # export.serve.app.ServeConfig (not imported: app imports this module)
 
 
 def connection_limits(cfg: ServeConfig) -> ConnectionLimits:
