@@ -7,8 +7,9 @@ before any decode); nothing a client sends is taken as a path, and nothing is un
 
 Statuses: 413 body over the limit or too many images; 415 a media type that is not an image (by header, or by
 content: a GIF, a PDF); 422 no image field, bytes that are no image, an undecodable or truncated image, a
-decompression bomb or an image over the pixel limit. The message names the image (its field index and file name)
-and the problem.
+decompression bomb or an image over the pixel limit; 503 when the in-flight upload bytes are spent. The message
+names the image (its field index and file name) and the problem. A client that disconnects while its body is read
+raises ClientGone (counted as 499 by export/serve/intake.py, never a traceback).
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@
 Concurrent requests are captioned together: up to --max-batch images in one beam search, waiting at most
 --max-wait-ms for company (export/serve/batcher.py). The server binds 127.0.0.1 unless --host says otherwise; SIGTERM
 or Ctrl-C stops taking connections, finishes the requests in flight, then exits. Routes: export/serve/app.py;
-what clients may send and the error statuses: export/serve/inputs.py.
+what clients may send and the error statuses: export/serve/inputs.py. Every connection and request is bounded (header
+size, header and body deadlines, connections, upload bytes and pixels in flight, time from arrival) and only the
+loopback names (and --allowed-host) are answered: export/serve/limits.py and docs/serving.md "Bounds".
 """
 
 from __future__ import annotations
@@ -60,12 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-pixels", type=positive_int, default=d.max_request_pixels,
                    help="pixels of all images of one request as they will decode (JPEGs at their reduced scale), "
                         "read from their headers before any decode; more: 413 (default core.images.MAX_PIXELS)")
-    p.add_argument("--max-decode-pixels", type=positive_int, default=d.max_decode_pixels,
+    p.add_argument("--max-decode-pixels", type=positive_int, default=None,
                    help="pixels waiting for or in the decode threads, all requests together; more: 503 "
-                        "(default twice MAX_PIXELS)")
-    p.add_argument("--max-inflight-mb", type=positive_float, default=d.max_inflight_mb,
+                        "(default twice MAX_PIXELS, at least --max-request-pixels)")
+    p.add_argument("--max-inflight-mb", type=positive_float, default=None,
                    help="MiB of request bodies being received or held, all requests together; more: 503 "
-                        "(default 128)")
+                        "(default 128, at least --max-body-mb)")
     p.add_argument("--max-header-kb", type=positive_float, default=d.max_header_kb,
                    help="KiB of request line and headers; more: 431 and the connection is closed (default 32)")
     p.add_argument("--header-timeout-s", type=positive_float, default=d.header_timeout_s,
@@ -89,6 +91,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         raise ValueError(f"--max-wait-ms must be 0 or more, got {args.max_wait_ms:g}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
+    if args.max_inflight_mb is None:  # defaults that follow the per-request bounds they must hold
+        args.max_inflight_mb = max(ServeConfig.max_inflight_mb, args.max_body_mb)
+    if args.max_decode_pixels is None:
+        args.max_decode_pixels = max(ServeConfig.max_decode_pixels, args.max_request_pixels)
     values = {f.name: getattr(args, f.name) for f in fields(ServeConfig) if hasattr(args, f.name)}
     cfg = ServeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
     check_config(cfg)
