@@ -264,6 +264,23 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = 
     return decode_rgb(im, path, exif_transpose)
 
 
+def image_bytes_size(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None,
+                     reduce_for: int | None = None) -> tuple[int, int]:
+    """(width, height) :func:`load_image_bytes` would decode ``data`` at, read from the header alone (nothing is
+    decoded): a server's pixel budget is checked with it before any decode. Same checks and errors."""
+    path = Path(name)
+    if not data:
+        raise _error(path, "empty-file", "zero bytes")
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    im = _read_header(io.BytesIO(data), path, len(data))
+    w, h = im.size
+    if w * h > limit:
+        raise _error(path, "decompression-bomb", f"{w}x{h} = {w * h} pixels is over the limit of {limit}; not decoded")
+    if reduce_for:
+        reduce_jpeg_scale(im, reduce_for)  # a JPEG decodes at its reduced scale: that is what it costs
+    return im.size
+
+
 # --------------------------------------------------------------------------------------------
 # Mode -> RGB
 # --------------------------------------------------------------------------------------------

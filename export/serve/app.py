@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,13 +31,15 @@ from core.decode import Hypothesis
 from core.images import MAX_PIXELS
 from export.serve.batcher import BatcherConfig, DynamicBatcher, QueueFull, Stopped
 from export.runtime import Captioner, decode_controls
-from export.serve.inputs import Problem, decode_uploads, read_uploads
+from export.serve.inputs import Problem
+from export.serve.intake import Intake
+from export.serve.limits import install_limits, intake_config, public_model_name
 from export.serve.metrics import ServeMetrics
 
 STATIC = Path(__file__).resolve().parent / "static"
 # The page runs only its own inline script and style and sends only to this server: nothing from the network.
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src blob: data:; "
-            "connect-src 'self'; form-action 'none'; base-uri 'none'")
+            "connect-src 'self'; form-action 'none'; base-uri 'none'; frame-ancestors 'none'")
 ENDPOINTS = ("/", "/healthz", "/v1/model", "/v1/captions", "/metrics")
 # Query parameters of the decoding controls: (type, low, high). A request's controls cost at most sample_n rows
 # (or the server's beam) per image, so the server's own limits bound the work.
@@ -64,6 +65,16 @@ class ServeConfig:
     max_pixels: int = MAX_PIXELS
     decode_threads: int = 2  # image decoding, off the event loop
     access_log: bool = False
+    # the bounds of export/serve/limits.py: connections, admission, whom the server answers
+    max_request_pixels: int = MAX_PIXELS  # all images of one request, as they will decode: 413 over
+    max_decode_pixels: int = 2 * MAX_PIXELS  # all images waiting for or in the decode threads: 503 over
+    max_inflight_mb: float = 128.0  # request bodies being received or held: 503 over
+    max_header_kb: float = 32.0  # request line + headers: 431 over
+    header_timeout_s: float = 10.0  # 408 after
+    body_timeout_s: float = 20.0  # 408 after
+    max_connections: int = 128  # open connections: 503 beyond
+    allowed_host: tuple[str, ...] = ()  # besides the loopback names (and the address bound)
+    cors_origin: tuple[str, ...] = ()  # origins whose pages may POST
 
     @property
     def batcher(self) -> BatcherConfig:
@@ -98,7 +109,8 @@ def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
     manifest = backend.manifest or {}
     choice = getattr(backend, "precision", None)  # a core.hardware.Choice set by load_backend
     providers = list(getattr(backend, "providers", None) or [str(backend.device)])
-    return {"model": str(cfg.model), "backend": backend.name, "describe": backend.describe(),
+    return {"model": public_model_name(cfg.model), "backend": backend.name,
+            "describe": public_model_name(cfg.model, backend.describe()),
             "providers": providers, "precision": str(choice.value) if choice else "fp32",
             "precision_reason": choice.reason if choice else None, "dims": manifest.get("dims", {}),
             "vocab_size": len(captioner.vocab), "image_size": backend.image_size,
@@ -107,6 +119,7 @@ def model_info(captioner: Captioner, cfg: ServeConfig) -> dict[str, Any]:
                        "length_norm": captioner.length_norm, "search": captioner.search},
             "batching": asdict(cfg.batcher), "limits": {"max_body_mb": cfg.max_body_mb,
                                                         "max_images": cfg.max_images, "max_pixels": cfg.max_pixels,
+                                                        "max_request_pixels": cfg.max_request_pixels,
                                                         "timeout_s": cfg.timeout_s}}
 
 
@@ -189,7 +202,8 @@ class CaptionService:
     def __init__(self, captioner: Captioner, cfg: ServeConfig, metrics: ServeMetrics):
         self.captioner, self.cfg, self.metrics = captioner, cfg, metrics
         self.batcher = DynamicBatcher(self._run_batch, cfg.batcher, metrics.on_batch, metrics.on_depth)
-        self.decode_pool = ThreadPoolExecutor(max_workers=cfg.decode_threads, thread_name_prefix="decode")
+        self.intake = Intake(intake_config(cfg), captioner.transform, captioner.image_size,
+                             queue_room=lambda: cfg.queue_size - self.batcher.depth)
 
     def _run_batch(self, items: list[tuple[torch.Tensor, Any]]) -> list[list[Hypothesis]]:
         """(image, decoding controls) items -> the captions of each; one search per distinct controls."""
@@ -205,24 +219,20 @@ class CaptionService:
         return out
 
     async def caption(self, request: Request, attention: bool) -> dict[str, Any]:
+        controls = decode_params(request.query_params, self.captioner)  # bad controls: 400 before the body is read
+        # arrival to answer under --timeout-s; admission, body, decode: export/serve/intake.py
+        return await self.intake.handle(request, lambda images: self._caption(images, attention, controls))
+
+    async def _caption(self, images: list[torch.Tensor], attention: bool, controls) -> dict[str, Any]:
         cfg = self.cfg
-        controls = decode_params(request.query_params, self.captioner)
-        uploads = await read_uploads(request, int(cfg.max_body_mb * 2**20), cfg.max_images)
-        loop = asyncio.get_running_loop()
-        images = await loop.run_in_executor(self.decode_pool, decode_uploads, uploads, self.captioner.transform,
-                                            cfg.max_pixels, self.captioner.image_size)
         if self.batcher.depth + len(images) > cfg.queue_size:
             raise self._busy(f"{self.batcher.depth} images are waiting (--queue-size {cfg.queue_size})")
-        try:
-            hyps = await asyncio.gather(*(self.batcher.submit((x, seeded(controls, i)), cfg.timeout_s)
-                                          for i, x in enumerate(images)))
+        try:  # the deadline: intake's
+            hyps = await asyncio.gather(*(self.batcher.submit((x, seeded(controls, i))) for i, x in enumerate(images)))
         except QueueFull as e:
             raise self._busy(str(e)) from None
         except Stopped as e:
             raise Problem(503, str(e)) from None
-        except asyncio.TimeoutError:
-            raise Problem(504, f"not captioned within {cfg.timeout_s:g} s (--timeout-s); the server is overloaded") \
-                from None
         return {"results": [results_json(self.captioner, h, attention) for h in hyps]}
 
     def _busy(self, why: str) -> Problem:
@@ -261,7 +271,7 @@ def create_app(captioner: Captioner, cfg: ServeConfig) -> FastAPI:
         await service.batcher.start()
         yield
         await service.batcher.stop()  # after uvicorn has let in-flight requests finish (SIGTERM drain)
-        service.decode_pool.shutdown(wait=True)
+        service.intake.shutdown()
 
     app = FastAPI(title="Show, Attend and Tell captions", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)  # the docs pages load scripts from a CDN: off
@@ -271,6 +281,7 @@ def create_app(captioner: Captioner, cfg: ServeConfig) -> FastAPI:
         return JSONResponse({"error": exc.detail, "status": exc.status}, exc.status, headers=exc.headers)
 
     _routes(app, service, model_info(captioner, cfg), (STATIC / "index.html").read_text(encoding="utf-8"))
+    install_limits(app, cfg)  # Host and Origin checks, security headers, query errors in the format above
     app.add_middleware(StatusMetrics, metrics=metrics)
     app.state.service = service
     return app

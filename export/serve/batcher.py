@@ -10,7 +10,8 @@ are in hand or ``max_wait_ms`` has passed since the first, and hands the batch t
 (``run_batch(items) -> results``, same order). While that thread runs, new requests queue up; the next batch
 starts as soon as the thread is free, so under load batches fill without waiting. A full queue refuses at once
 (:class:`QueueFull`, HTTP 503); a request that waits longer than its timeout gets :class:`asyncio.TimeoutError`
-(HTTP 504) and its item is skipped if it has not been run yet.
+(HTTP 504) and its item is skipped if it has not been run yet; so is the item of a submit() that is cancelled
+(the server cancels the work of a client that disconnected).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class DynamicBatcher:
         self.on_depth(self._queue.qsize())
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, asyncio.CancelledError):  # timed out, or its client left
             item.future.cancel()  # not run yet: the gatherer skips it; running: its result is dropped
             raise
 

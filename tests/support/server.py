@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import struct
 import subprocess
 import threading
@@ -79,3 +80,52 @@ def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
     data[12:29] = ihdr
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
     return bytes(data)
+
+
+def grey_png(width: int, height: int) -> bytes:
+    """A valid all-black grey PNG of width x height, made without Pillow (a few KB for many megapixels: the bytes a
+    decompression-heavy upload costs the client, against seconds of decoding on the server)."""
+    rows = zlib.compress((b"\x00" + bytes(width)) * height, 9)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------------------------- raw HTTP
+def connect(url: str, timeout: float = 10) -> socket.socket:
+    """A plain TCP connection to the server of ``url`` (for requests an HTTP library would not send)."""
+    host, port = url.split("//")[1].rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the one response on ``sock``, read until the server closes (0 if it closed first
+    without a response). The socket's timeout bounds every wait."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    if not data:
+        return 0, {}, b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def vm_hwm_mib(pid: int) -> float:
+    """Peak resident memory of a process (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start VmHWM over from the current RSS (Linux: 5 into clear_refs)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
