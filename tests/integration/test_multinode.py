@@ -139,7 +139,8 @@ def _recovery(nodes: list[Node], since: float) -> tuple[float, int]:
     return t - since, int(m.group(1))
 
 
-@pytest.mark.parametrize("killed, slow", [(1, None), (0, 1)], ids=["node1-killed", "node0-killed-node1-slow-to-start"])
+@pytest.mark.parametrize("killed, slow", [(1, None), pytest.param(0, 1, marks=pytest.mark.extended)],
+                         ids=["node1-killed", "node0-killed-node1-slow-to-start"])
 def test_a_killed_worker_restarts_the_round_and_the_job_resumes_from_the_last_checkpoint(
         synthetic_data, tmp_path, out, killed, slow):
     """A node's training process is SIGKILLed from outside mid-training; both agents restart their workers
@@ -174,6 +175,7 @@ def test_a_worker_killed_while_writing_a_checkpoint_resumes_from_the_previous_on
     assert not list(out.glob(".*.tmp")), "a torn temporary was left behind"
 
 
+@pytest.mark.extended
 def test_a_stopped_worker_is_timed_out_and_the_round_restarted(synthetic_data, tmp_path, out):
     """Node 1's worker is SIGSTOPped (alive, silent: a hung GPU, a stuck file system). Rank 0's next collective
     fails after --dist-timeout; its agent restarts the round, node 1's agent kills its stopped worker (torchrun
@@ -192,6 +194,7 @@ def test_a_stopped_worker_is_timed_out_and_the_round_restarted(synthetic_data, t
     print(f"recovery: {seconds:.1f}s from SIGSTOP to training again (resumed at step {resumed_step})")
 
 
+@pytest.mark.extended
 def test_a_restart_that_finds_a_checkpoint_of_another_world_size_keeps_its_place(synthetic_data, tmp_path, out):
     """A single process stops mid-epoch (step 2 of 5 batches of 8); the two-node job that picks up its last.pt
     continues from the same place in the epoch's sample order (2 batches x 1 process = 1 batch x 2 processes),
@@ -214,6 +217,7 @@ def test_a_restart_that_finds_a_checkpoint_of_another_world_size_keeps_its_place
 
 
 
+@pytest.mark.extended
 def test_a_replaced_node_joins_the_job_when_each_round_has_its_own_store(synthetic_data, tmp_path, out):
     """Node 1 dies whole (its agent and worker SIGKILLed) and a new agent takes its place. With
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 every round publishes its master address, so the new agent joins the next

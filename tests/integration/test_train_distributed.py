@@ -15,9 +15,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 QUICK = ["--no-final-eval", "--val-max-images", "2"]
 
 
-def _loader_param(name: str):
-    marks = [pytest.mark.skipif(not dali_available(), reason="nvidia.dali does not import")] if name == "dali" else []
-    return pytest.param(name, marks=marks, id=name)
+def _case(nproc: int, loader: str, extended: bool = False):
+    marks = [pytest.mark.skipif(not dali_available(), reason="nvidia.dali does not import")] if loader == "dali" else []
+    return pytest.param(nproc, loader, marks=marks + [pytest.mark.extended] * extended, id=f"{nproc}-{loader}")
 
 
 def _hashes(directory: Path, nproc: int) -> set[str]:
@@ -30,8 +30,10 @@ def _check(result, what: str) -> None:
     assert result.returncode == 0, f"{what}: exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
 
-@pytest.mark.parametrize("loader", [_loader_param("torch"), _loader_param("dali")])
-@pytest.mark.parametrize("nproc", [2, 4])
+# Every (processes, loader) pair is extended except 2 x DALI (the default loader) and 4 x torch: the default run
+# keeps each loader and each world size once.
+@pytest.mark.parametrize("nproc, loader", [_case(2, "dali"), _case(4, "torch"), _case(2, "torch", extended=True),
+                                           _case(4, "dali", extended=True)])
 def test_torchrun_exits_zero_and_every_rank_holds_the_same_weights(run_train, tmp_path, nproc, loader):
     out = tmp_path / "run"
     runs = 2 if nproc == 2 else 1  # 4 processes share 2 cores: one run each keeps the suite short

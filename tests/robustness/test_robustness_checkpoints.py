@@ -99,7 +99,7 @@ def test_export_refuses_before_any_work_and_leaves_no_directory(tiny_model, tmp_
 
 
 # The shape case is proven in-process above; its real run adds 11 s for the same code path: slow.
-@pytest.mark.parametrize("damage", [_nan, pytest.param(_reshaped, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("damage", [pytest.param(_nan, marks=pytest.mark.extended), pytest.param(_reshaped, marks=pytest.mark.slow)])
 def test_training_resumes_from_best_pt_when_last_pt_is_damaged(run_train, tmp_path, damage):
     out = tmp_path / "run"
     r = run_train(out, "--epochs", "1", "--no-final-eval", "--val-max-images", "2")

@@ -78,6 +78,7 @@ def test_single_node_launch_listens_on_loopback_only(tmp_path):
 
 
 @pytest.mark.slow  # the same check as above, through a real 2-process training (9-28 s on 2 shared cores)
+@pytest.mark.extended
 def test_training_under_the_loopback_launcher_listens_on_loopback_only(synthetic_data, tmp_path):
     cmd = [sys.executable, "-m", "distributed.localrun", "--nproc_per_node=2", "distributed/train.py",
            "--data", str(synthetic_data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--threads", "1",

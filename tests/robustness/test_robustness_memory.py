@@ -14,6 +14,7 @@ from tests.support import memory as robustness_memory
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_peak_memory_does_not_grow_with_the_number_of_images(tmp_path: Path):
     r = robustness_memory.measure(tmp_path, small=500, large=5000, size=48, batch_size=16)
     small, large = r[500]["peak_rss_mib"], r[5000]["peak_rss_mib"]
