@@ -26,7 +26,9 @@ filesystem), or with --ship-model receive it through Ray's runtime_env. The tool
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -45,6 +47,9 @@ from export.runtime.batch_progress import BatchProgress
 from export.runtime.load import add_model_args
 
 log = get_logger("batch_caption")
+# Ray takes this machine's address for its node unless told there is no cluster beyond it: then the loopback
+# (ray._private.services.get_node_ip_address). Set before Ray's first import, for a local Ray or a loopback --address.
+LOOPBACK = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 def start_ray(args: argparse.Namespace, runtime_env: dict | None) -> str | None:
     """Join --address, or start Ray in this process (loopback node address, a private temp dir). Returns the
     temp dir to delete at the end (local Ray), else None."""
+    if not args.address or is_loopback(args.address):
+        os.environ.update(LOOPBACK)
     import ray
 
     quiet = args.verbose <= 0
@@ -87,6 +94,11 @@ def start_ray(args: argparse.Namespace, runtime_env: dict | None) -> str | None:
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", _temp_dir=temp_dir,
              runtime_env=runtime_env, log_to_driver=not quiet, logging_level=logging.WARNING if quiet else logging.INFO)
     return temp_dir
+
+
+def is_loopback(address: str) -> bool:
+    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def quiet_ray_data(verbose: int) -> None:
@@ -185,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not todo:
         log.info("nothing left to caption in %s", args.out)
         return 0
-    try:
-        import ray
-    except ImportError:
+    if importlib.util.find_spec("ray") is None:  # not imported yet: LOOPBACK must come first
         print("error: Ray is not installed: pip install -e '.[scale]' (the ray[data] extra)", file=sys.stderr)
         return 2
     runtime_env = {"working_dir": str(args.model)} if args.ship_model else None
     t0 = time.perf_counter()
     temp_dir = start_ray(args, runtime_env)
+    import ray  # after start_ray: LOOPBACK is set before Ray's first import
+
     try:
         quiet_ray_data(args.verbose)
         log.info("Ray ready in %.1f s (%s)", time.perf_counter() - t0, "joined " + args.address if args.address
