@@ -82,8 +82,10 @@ def _listing(src: Source, fs_dir: str, recursive: bool, pattern: str | None = No
 
     infos = src.fs.get_file_info(pafs.FileSelector(fs_dir, recursive=recursive))
     names = sorted(i.path for i in infos if i.type == pafs.FileType.File)
-    if pattern is not None:
-        return [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+    if pattern is not None:  # hidden names only when the pattern says so, as a shell's glob
+        hidden_ok = pattern.rsplit("/", 1)[-1].startswith(".")
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern)
+                and (hidden_ok or not n.rsplit("/", 1)[-1].startswith("."))]
     return [n for n in names if _is_image(n)]
 
 
@@ -124,7 +126,8 @@ def _table(src: Source, fs_path: str, user: str, column: str) -> list[str]:
         else:
             table = pq.read_table(fs_path, filesystem=src.fs, columns=[column])
     except (KeyError, ValueError) as e:  # ArrowInvalid is a ValueError: no such column, not a table
-        raise BatchInputError(f"{user}: cannot read column {column!r} ({e}); name it with --path-column") from None
+        raise BatchInputError(f"{user}: cannot read column {column!r} ({str(e).splitlines()[0]}); "
+                              "name the column of paths with --path-column") from None
     return [src.to_fs(p) if _URI.match(p) or not src.scheme else p
             for p in table.column(column).to_pylist() if p]
 
