@@ -116,6 +116,7 @@ def _list_file(src: Source, fs_path: str, user: str) -> list[str]:
 
 
 def _table(src: Source, fs_path: str, user: str, column: str) -> list[str]:
+    """The paths of a table's column; relative ones are from the table's folder, as in a text file of paths."""
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
@@ -128,8 +129,9 @@ def _table(src: Source, fs_path: str, user: str, column: str) -> list[str]:
     except (KeyError, ValueError) as e:  # ArrowInvalid is a ValueError: no such column, not a table
         raise BatchInputError(f"{user}: cannot read column {column!r} ({str(e).splitlines()[0]}); "
                               "name the column of paths with --path-column") from None
-    return [src.to_fs(p) if _URI.match(p) or not src.scheme else p
-            for p in table.column(column).to_pylist() if p]
+    base = fs_path.rsplit("/", 1)[0]
+    paths = [str(p) for p in table.column(column).to_pylist() if p]
+    return [src.to_fs(p) if _URI.match(p) else p if p.startswith("/") else f"{base}/{p}" for p in paths]
 
 
 def _expand(src: Source, item: str, path_column: str, recursive: bool) -> list[str]:
