@@ -197,6 +197,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not todo:
         log.info("nothing left to caption in %s", args.out)
         return 0
+    if all(i.error for i in todo):  # nothing to read: the rows are the listing's errors, no Ray needed
+        with ShardWriter(out_src.fs, out_dir, args.format, args.shard_rows, args.flush_seconds) as writer:
+            writer.write(error_rows(todo, sha256))
+        log.info("%d rows written to %s, every one an error (no image could be read)", writer.rows, args.out)
+        return 0
     if importlib.util.find_spec("ray") is None:  # not imported yet: LOOPBACK must come first
         print("error: Ray is not installed: pip install -e '.[scale]' (the ray[data] extra)", file=sys.stderr)
         return 2

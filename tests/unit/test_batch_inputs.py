@@ -17,7 +17,7 @@ from tests.support.export_artifacts import ROOT
 
 
 def test_the_toolkit_imports_without_ray():
-    code = ("import sys, export.runtime, export.batch_caption, export.runtime.batch_caption, export.serve.app; "
+    code = ("import sys, export.runtime, export.batch_caption, export.runtime.batch_worker; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -78,3 +78,17 @@ def test_shards_commit_whole_drop_repeats_and_resume_by_model(tmp_path, fmt):
     assert [r["path"] for r in rows] == ["1", "2", "3"] and rows[0]["tokens"] == [3, 4] and rows[0]["error"] is None
     assert written_paths(fs, out, "a" * 64) == {"1", "2"}  # another model's rows are not skipped
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_unusable_inputs_or_model_are_one_line_and_exit_2(tmp_path, capsys):
+    from export.runtime.batch_caption import main
+
+    (tmp_path / "t.csv").write_text("file\na.jpg\n")
+    cases = [([str(tmp_path / "missing.txt")], "missing.txt: no such file"),
+             ([str(tmp_path / "t.csv")], "cannot read column 'path'"),
+             ([str(tmp_path)], "directory holds no image files"),
+             ([str(tmp_path / "t.csv"), "--path-column", "file"], "export directory not found")]
+    for argv, message in cases:
+        assert main([*argv, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "".join(err), err
