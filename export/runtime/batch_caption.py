@@ -11,8 +11,8 @@ reaches (s3://, gs://, ...), one filesystem per job. Output: shards part-*.parqu
 per input, columns path, caption, score, tokens (the caption's token ids), error, model_sha256. A file that is not
 a usable image is a row with its error; the job goes on.
 
-Pipeline: Ray's binary reader reads the bytes; CPU tasks decode and resize them with core.images (the caption
-command's loader); an actor pool captions them (one Captioner per actor, loaded once, the manifest's sha256 checked on
+Pipeline: the inputs in chunks of --batch-size files (a Ray Data dataset of chunks); CPU tasks read each chunk's bytes
+through pyarrow's filesystem and decode and resize them with core.images (the caption command's loader); an actor pool captions them (one Captioner per actor, loaded once, the manifest's sha256 checked on
 every worker); this process writes shards as results come, and a progress line (done, rate, time left) on stderr.
 A rerun with the same --out skips the paths already written by the same model (by manifest sha256): a job stopped
 at any point resumes, and a path is never written twice. An actor that dies is restarted by Ray and its batch
@@ -118,16 +118,20 @@ def alive_nodes() -> list[dict[str, float]]:
 
 
 def build_dataset(args, src: Source, todo: list[Item], plan: Plan, preprocess: dict, sha256: str, model: str | None):
+    """One row per caption batch (``plan.batch_size`` files in input order) -> read + decode tasks -> actors."""
     import ray.data
 
-    from export.runtime.batch_worker import CaptionActor, decode_batch
+    from export.runtime.batch_worker import CaptionActor, read_and_decode
 
-    ds = ray.data.read_binary_files([i.fs_path for i in todo], include_paths=True, filesystem=src.fs,
-                                    ignore_missing_paths=True, num_cpus=plan.decode_cpus)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"preprocess": preprocess}, batch_size=plan.batch_size,
+    n = plan.batch_size
+    chunks = [{"paths": [i.fs_path for i in todo[k:k + n]], "known": [i.error or "" for i in todo[k:k + n]]}
+              for k in range(0, len(todo), n)]
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
+    ds = ds.map_batches(read_and_decode, fn_kwargs={"fs": src.fs, "preprocess": preprocess}, batch_size=1,
                         num_cpus=plan.decode_cpus)
-    return ds.map_batches(CaptionActor, fn_constructor_args=(args, model, sha256), batch_size=plan.batch_size,
-                          compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus, num_gpus=plan.actor_gpus)
+    return ds.map_batches(CaptionActor, fn_constructor_args=(args, model, sha256), batch_size=1,
+                          compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+                          num_gpus=plan.actor_gpus)
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -144,24 +148,22 @@ def error_rows(items: list[Item], sha256: str) -> list[dict]:
 
 def run_job(args, src: Source, todo: list[Item], writer: ShardWriter, preprocess: dict, sha256: str) -> Counter:
     """Caption ``todo`` on Ray, writing rows as they come. Returns rows per node id."""
-    readable = [i for i in todo if i.error is None]
-    writer.write(error_rows([i for i in todo if i.error], sha256))
     progress = BatchProgress(len(todo), args.progress_every, done=writer.rows)
     nodes: Counter = Counter()
-    if readable:
+    if todo:
         plan = make_plan(alive_nodes(), PlanRequest(args.batch_size, args.actors, args.threads, args.device))
         log.info("plan: %s", plan.describe())
         args.threads = plan.threads  # what each actor's load_captioner gives ORT and torch
         model = None if args.ship_model else str(args.model.resolve())
-        user_path = {i.fs_path: i.path for i in readable}
-        ds = build_dataset(args, src, readable, plan, preprocess, sha256, model)
+        user_path = {i.fs_path: i.path for i in todo}
+        ds = build_dataset(args, src, todo, plan, preprocess, sha256, model)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = batch.to_pylist()
             for r in rows:
                 r["path"] = user_path.get(r["path"], r["path"])
                 nodes[r.pop("node")] += 1
             progress.update(writer.write(rows))
-    missing = [i for i in readable if i.path not in writer.seen]  # the reader found them gone or unreadable
+    missing = [i for i in todo if i.path not in writer.seen]  # none: every chunk's rows come back (a safety net)
     writer.write(error_rows([Item(i.path, i.fs_path, f"{i.path}: could not be read") for i in missing], sha256))
     progress.finish(writer.rows)
     return nodes

@@ -1,8 +1,8 @@
 """What runs on the Ray workers: decoding (CPU tasks) and captioning (an actor per model copy). No Ray import here.
 
-``decode_batch`` turns the bytes Ray's binary reader read into the model's input with core.images' loader (the
-caption command's: same formats, pixel limit and reduced-scale JPEG decoding), a file that is not a usable image
-becoming a row with its error. ``CaptionActor`` loads one Captioner when Ray starts it (through
+``read_and_decode`` reads a chunk of files (one caption batch) through the job's pyarrow filesystem and makes them
+the model's input with core.images' loader (the caption command's: same formats, pixel limit and reduced-scale JPEG
+decoding), a file that is not a usable image keeping its error. ``CaptionActor`` loads one Captioner when Ray starts it (through
 export.runtime.load.load_captioner, the caption command's flags, the manifest's sha256 pinned) and captions the
 batches it is given.
 """
@@ -19,19 +19,34 @@ from core.images import ImageLoadError, load_image_bytes
 from export.manifest import transform_for
 
 
-def decode_batch(batch: dict[str, np.ndarray], preprocess: dict[str, Any]) -> dict[str, np.ndarray]:
-    """{"bytes", "path"} -> {"path", "image" [N,3,S,S] float32, "error" ("" when the image is good)}."""
+def read_and_decode(batch: dict[str, np.ndarray], fs, preprocess: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Rows of chunks {"paths": [file system paths], "known": [the listing's error or ""]} -> {"paths", "images"
+    (float32 [n,3,S,S] as bytes), "errors" ("" when the image is good)}. One row is one caption batch: its files in
+    their order, as the caption command batches them (int8's dynamic quantization scales by the batch: the same
+    batches give the same captions)."""
     transform = transform_for(preprocess)
     size = int(preprocess["image_size"])
-    images = np.zeros((len(batch["path"]), 3, size, size), np.float32)  # [N,3,S,S]; zeros where the file failed
-    errors = []
-    for i, (data, path) in enumerate(zip(batch["bytes"], batch["path"])):
-        try:
-            images[i] = transform(load_image_bytes(bytes(data), str(path), reduce_for=size)).numpy()
-            errors.append("")
-        except ImageLoadError as e:
-            errors.append(str(e))
-    return {"path": batch["path"], "image": images, "error": np.array(errors, dtype=object)}
+    out_images, out_errors = [], []
+    for paths, known in zip(batch["paths"], batch["known"]):
+        images = np.zeros((len(paths), 3, size, size), np.float32)  # [n,3,S,S]; zeros where the file failed
+        errors = []
+        for i, path in enumerate(paths):
+            if known[i]:
+                errors.append(str(known[i]))
+                continue
+            try:
+                with fs.open_input_file(str(path)) as f:
+                    data = f.read()
+                images[i] = transform(load_image_bytes(data, str(path), reduce_for=size)).numpy()
+                errors.append("")
+            except ImageLoadError as e:
+                errors.append(str(e))
+            except OSError as e:  # gone or unreadable since it was listed
+                errors.append(f"{path}: {e.strerror or e}")
+        out_images.append(images.tobytes())
+        out_errors.append(errors)
+    return {"paths": batch["paths"], "images": np.array(out_images, dtype=object),
+            "errors": np.array(out_errors + [None], dtype=object)[:-1]}
 
 
 class CaptionActor:
@@ -50,24 +65,35 @@ class CaptionActor:
         self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]):
+        """One row (one chunk of files, batch_size=1) -> its result rows, captioned as one batch."""
+        import pyarrow as pa
+
+        from export.runtime.batch_output import schema
+
+        tables = [self.caption_chunk(list(paths), images, list(errors))
+                  for paths, images, errors in zip(batch["paths"], batch["images"], batch["errors"])]
+        return pa.concat_tables(tables).append_column("node", pa.array([self.node] * sum(map(len, tables)))) \
+            if tables else schema().empty_table()
+
+    def caption_chunk(self, paths: list[str], images: bytes, errors: list[str]):
         import pyarrow as pa
         import torch
 
         from export.runtime.batch_output import schema
 
-        errors = [str(e) for e in batch["error"]]
+        size = self.captioner.image_size
+        pixels = np.frombuffer(images, np.float32).reshape(len(paths), 3, size, size)  # [n,3,S,S]
         good = [i for i, e in enumerate(errors) if not e]
         hyps = {}
-        if good:
-            images = torch.from_numpy(np.ascontiguousarray(batch["image"][good]))  # [G,3,S,S]
-            hyps = dict(zip(good, self.captioner.caption_tensors(images)))
+        if good:  # the good images of the chunk, as the caption command batches them
+            hyps = dict(zip(good, self.captioner.caption_tensors(torch.from_numpy(pixels[good].copy()))))
         vocab = self.captioner.vocab
         rows = []
-        for i, path in enumerate(batch["path"]):
+        for i, path in enumerate(paths):
             hyp = hyps.get(i)
             words = vocab.decode_tokens(hyp.tokens) if hyp else []
             ids = [int(t) for t in hyp.tokens if int(t) not in (vocab.pad_id, vocab.start_id)][:len(words)] if hyp else None
             rows.append({"path": str(path), "caption": " ".join(words) if hyp else None,
                          "score": float(hyp.score) if hyp else None, "tokens": ids,
                          "error": errors[i] or None, "model_sha256": self.sha256})
-        return pa.Table.from_pylist(rows, schema=schema()).append_column("node", pa.array([self.node] * len(rows)))
+        return pa.Table.from_pylist(rows, schema=schema())
