@@ -34,6 +34,7 @@ class BatchProgress:
         if self.first is None:
             self.first = (now, self.done)
             log.info("first results %.1f s after the job started (actors loading the model included)", now - self.t0)
+            return  # no rate yet: it counts from here
         if now - self.last_line >= self.every_s and self.done < self.total:
             self.last_line = now
             log.info("%s", self.line(now))
