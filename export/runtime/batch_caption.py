@@ -163,6 +163,7 @@ def run_job(args, src: Source, todo: list[Item], writer: ShardWriter, preprocess
                 r["path"] = user_path.get(r["path"], r["path"])
                 nodes[r.pop("node")] += 1
             progress.update(writer.write(rows))
+        log.debug("Ray Data's stages:\n%s", ds.stats())  # -v: where the time went, per operator
     missing = [i for i in todo if i.path not in writer.seen]  # none: every chunk's rows come back (a safety net)
     writer.write(error_rows([Item(i.path, i.fs_path, f"{i.path}: could not be read") for i in missing], sha256))
     progress.finish(writer.rows)

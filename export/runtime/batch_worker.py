@@ -86,7 +86,7 @@ class CaptionActor:
         good = [i for i, e in enumerate(errors) if not e]
         hyps = {}
         if good:  # the good images of the chunk, as the caption command batches them
-            hyps = dict(zip(good, self.captioner.caption_tensors(torch.from_numpy(pixels[good].copy()))))
+            hyps = dict(zip(good, self.captioner.caption_tensors(torch.from_numpy(pixels[good]))))
         vocab = self.captioner.vocab
         rows = []
         for i, path in enumerate(paths):
