@@ -3,7 +3,7 @@
     fs, items = list_inputs(["s3://bucket/photos/", "more/*.jpg", "list.txt", "table.parquet"], path_column="path")
 
 Each input names a filesystem pyarrow reaches: a local path, or a URI (``s3://``, ``gs://``, ``hdfs://``, ...)
-when the user's credentials and packages are there. One job reads one filesystem (Ray's binary reader takes one).
+when the user's credentials and packages are there. One job reads one filesystem (its decode tasks are given one).
 A listed file that is missing or is not a regular file is an :class:`Item` with an ``error``: it becomes an output
 row naming the problem, never a failed job. Paths are absolute (local) or full URIs: the output's ``path`` column,
 and the key a rerun resumes by.
