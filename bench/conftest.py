@@ -30,6 +30,7 @@ MARKERS = {
     "bench_step": "decoder step benchmarks (with the memory-bandwidth floor)",
     "bench_caption": "end-to-end captioning benchmarks and the caption agreement checks",
     "bench_beam": "beam search alone (encoder outputs given)",
+    "bench_batch": "batch captioning on Ray Data against the caption command (test_bench_batch.py)",
     "bench_train": "training step and data loader benchmarks (test_bench_train.py)",
     "gpu": "needs a CUDA GPU (skipped without one)",
 }
