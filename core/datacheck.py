@@ -35,6 +35,8 @@ Image files (path ``Images/NAME``); the image is put on the skip list:
                       e.g. GIF, ICO, PCX, TGA, PPM, whatever the extension says
   unsupported-mode    ``core.images.to_rgb`` cannot convert the decoded mode. Every mode it can convert is
                       accepted: L, LA, La, P, PA, RGBA, CMYK, YCbCr, LAB, I;16, I, F, 1, ...
+  outside-root        a symbolic link that leads out of the image folder: never opened (training refuses the
+                      name whatever the skip list says: ``core.captions.resolve_inside``)
   no-captions         an image file with no caption line
 Caption file (path ``Flickr8k.token.txt`` and the line number):
   not-utf8            the line is not valid UTF-8
@@ -68,8 +70,8 @@ from typing import Any
 from PIL import Image, ImageFile
 
 import core.images
-from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatError, not_utf8_message,
-                           parse_caption_line, read_lines)
+from core.captions import (IMAGES_DIR, TOKEN_FILE, CaptionFilter, DataFormatError, OutsideRootError,
+                           not_utf8_message, parse_caption_line, read_lines, resolve_inside)
 from core.cli import run_main
 from core.fileio import WriteError, atomic_write_text
 from core.images import IMAGE_EXTENSIONS, ImageLoadError, PixelBudget, decode_rgb, open_image
@@ -82,7 +84,7 @@ MIN_SIDE = 8
 MAX_ASPECT = 25.0
 
 IMAGE_KINDS = ("empty-file", "not-an-image", "truncated", "corrupt", "unreadable", "decompression-bomb",
-               "too-small", "extreme-aspect", "unsupported-format", "unsupported-mode", "no-captions")
+               "too-small", "extreme-aspect", "unsupported-format", "unsupported-mode", "outside-root", "no-captions")
 LINE_KINDS = ("not-utf8", "bad-caption-line", "duplicate-caption", "empty-caption", "missing-image")
 
 
@@ -290,8 +292,13 @@ def check_dataset(root: str | os.PathLike[str], workers: int | None = None, *, m
     listing = _list_images(root, images_dir, caps)
     problems, skip = list(caps.problems), {}
     _check_missing(caps, listing, problems, skip)
-    results = _check_images(images_dir, listing.names, limits, workers or _default_workers())
-    for name, result in zip(listing.names, results):
+    for name in listing.escaping:  # a link out of the folder is named, never opened
+        message = "a symbolic link that leads out of the image folder (never opened)"
+        problems.append(Problem(listing.shown(name), None, "outside-root", message))
+        skip.setdefault(name, []).append(f"outside-root: {message}")
+    names = [n for n in listing.names if n not in listing.escaping]
+    results = _check_images(images_dir, names, limits, workers or _default_workers())
+    for name, result in zip(names, results):
         rel = listing.shown(name)
         if result is not None:
             kind, message = result
@@ -340,6 +347,7 @@ class _Listing:
     names: list[str]  # the images to check
     on_disk: set[str]  # what core.data.load_dataset sees
     ignored: int
+    escaping: set[str]  # names among ``names`` that are symbolic links out of the image folder
 
     def shown(self, name: str) -> str:  # a path in the messages, relative to the dataset root
         return os.path.relpath(self.images_dir / name, self.root)
@@ -361,7 +369,16 @@ def _list_images(root: Path, images_dir: Path, caps) -> _Listing:
         if name in on_disk and name not in files:
             files.add(name)
             ignored -= 1
-    return _Listing(root, images_dir, folders, sorted(files), on_disk, ignored)
+    return _Listing(root, images_dir, folders, sorted(files), on_disk, ignored,
+                    {n for n in files if _escapes(images_dir, n, folders)})
+
+
+def _escapes(images_dir: Path, name: str, folders: list[str]) -> bool:
+    try:
+        resolve_inside(images_dir, name, anchors=[f for f in folders if f])  # COCO's train2014/ may be a link
+    except OutsideRootError:
+        return True
+    return False
 
 
 def _check_missing(caps, listing: _Listing, problems: list[Problem], skip: dict[str, list[str]]) -> None:

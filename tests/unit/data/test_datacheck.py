@@ -406,3 +406,19 @@ def test_a_caption_naming_a_path_outside_the_image_folder_lists_nothing_there(tm
     out = capsys.readouterr().out
     assert "missing-image: '../../outside.jpg' is not a file in Images/" in out
     assert "checked 2 images" in out and "no-captions" not in out
+
+
+def test_a_link_out_of_the_image_folder_is_named_and_skip_listed_and_never_opened(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data", n=2)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"TOPSECRET-KEY=hunter2")  # would be "not-an-image" if it were ever read
+    (root / "Images" / "linked.jpg").symlink_to(secret)
+    (root / "Images" / "inside.jpg").symlink_to(root / "Images" / "00000.jpg")  # a link inside: checked as usual
+    with open(root / TOKEN, "a", encoding="utf-8") as f:
+        f.write("linked.jpg#0\ta link out of the folder\ninside.jpg#0\ta link inside the folder\n")
+    assert datacheck.main([str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "Images/linked.jpg: outside-root: a symbolic link that leads out of the image folder" in out
+    assert "TOPSECRET" not in out and "inside.jpg" not in out
+    skip = read_skip_list(root / "skip_list.json", root=root)
+    assert list(skip.skip) == ["linked.jpg"]
