@@ -15,8 +15,8 @@ autocast dtype), the stored dtype, and the image files (names, sizes, modificati
 exists reuses the cache (across epochs and runs); a change of any of them builds a new one beside it.
 
 A crash mid-build leaves nothing a later run would trust: the build writes ``DIR/<key>.partial/``, and only a
-complete build gets its ``complete.json`` (holding the key) and is renamed to ``DIR/<key>``; a later build removes
-the partial folder. The disk space is checked first: ResNet-101 at 256 px gives 196 x 2048 values per image,
+complete build gets its ``complete.json`` (holding the key) and is renamed to ``DIR/<key>``; the next build in DIR
+removes every partial folder (so one build at a time per DIR). The disk space is checked first: ResNet-101 at 256 px gives 196 x 2048 values per image,
 about 0.8 MB in 16 bits (4.7 GB for Flickr8k's 6,000 training images, 90 GB for COCO's 113,287).
 """
 
@@ -169,7 +169,8 @@ def _build(model, data: CaptionDataset, names: list[str], final: Path, key: str,
     shape = (len(names), cfg.num_pixels, cfg.encoder_dim)
     check_disk_space(final.parent, bytes_needed(*shape, dtype))  # every rank: all refuse together
     if env.is_main:
-        shutil.rmtree(partial, ignore_errors=True)  # what a crashed build left: never trusted, now removed
+        for stale in final.parent.glob("*.partial"):  # what crashed builds left (any key): never trusted, removed
+            shutil.rmtree(stale, ignore_errors=True)
         partial.mkdir(parents=True)
         np.lib.format.open_memmap(partial / "features.npy", mode="w+", dtype=STORED[dtype][0], shape=shape).flush()
     barrier()
