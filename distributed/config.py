@@ -197,7 +197,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (the captions name positions up to the image borders, which a crop can cut away). All 5 captions of each
     # image are decoded on one encoder pass (a step costs little more than a one-caption step, and learns far more),
     # and the batch is small (8 images per process): for the same images seen, more updates gave a better held-out
-    # BLEU-4 (docs/training.md).
+    # BLEU-4 (docs/training.md). Its encoder trains, so the feature cache (frozen encoders only) does not apply.
     "demo": dict(
         model=dict(backbone="resnet18", image_size=96, encoded_size=3, attention_dim=256, embed_dim=256,
                    decoder_dim=256, dropout=0.1),
