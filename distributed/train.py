@@ -389,7 +389,8 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
                  hardware=hardware.summary(), threads=torch.get_num_threads(), torch=torch.__version__,
                  resumed_from=str(resume_path or ""), splits=data.splits.sizes(), vocab_size=len(vocab))
     print0(env, f"amp {hardware.dtype_name(amp.value)}: {amp.reason}")
-    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loaders.kind} ({loaders.workers} workers) | "
+    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loaders.kind} ({loaders.workers} workers)"
+                f"{', training from the feature cache' if cache is not None else ''} | "
                 f"{sum(p.numel() for p in t.model.parameters() if p.requires_grad) / 1e6:.2f}M trained params | "
                 f"splits {data.splits.sizes()} | vocab {len(vocab)} | "
                 f"{loaders.train.num_batches} batches/epoch of {cfg.batch_size}x{env.world_size} images, "
