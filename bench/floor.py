@@ -13,6 +13,8 @@ The encoder is compute-bound: its floor is 2 x MACs (every Conv2d and Linear of 
 one forward pass) over the peak of this CPU, measured in the same run: fp32 by a large torch matmul, int8 by ONNX
 Runtime's own int8 GEMM (MatMulInteger, u8 x s8, the kernel family of its QLinearConv).
 
+A training step's floor is its FLOPs (``train_step_flops``) over the same fp32 GEMM peak.
+
     python bench/floor.py            # prints the floors for the full shapes
 """
 
@@ -167,6 +169,25 @@ def compute_floor_ms(macs: int, gflops: float) -> float:
 
 def floor_ms(bytes_read: int, bandwidth_GBps: float) -> float:
     return bytes_read / (bandwidth_GBps * 1e9) * 1e3
+
+
+def train_step_flops(cfg, lengths: torch.Tensor, k: int, encoder_macs_per_image: int = 0) -> dict[str, float]:
+    """FLOPs of the useful work of one training step: ``lengths`` (B*k,) captions, k per image, teacher forcing.
+
+    Per caption and real (non-padding) step: the decoder step's matrix products (decoder_att, the energies and
+    full_att, the weighted encoding, f_beta, the LSTM cell, fc); per image, once: the attention's encoder projection
+    (encoder_att) and init_h/init_c. Backward = 2x forward (gradients of inputs and weights), except where the input
+    is the frozen encoder's output (encoder_att: weights only). ``encoder_macs_per_image``: the frozen encoder's
+    forward when the step runs it (0: from cached features). Elementwise work is left out: a floor.
+    """
+    P, C, A, D, E, V = cfg.num_pixels, cfg.encoder_dim, cfg.attention_dim, cfg.decoder_dim, cfg.embed_dim, cfg.vocab_size
+    images = lengths.numel() // k
+    steps = int((lengths - 1).sum())
+    per_step = 2 * (D * A + P * A + P * A + P * C + D * C + (E + C + D) * 4 * D + D * V)
+    decoder = 3 * steps * per_step + images * (2 * 2 * P * C * A + 3 * 2 * 2 * C * D)
+    encoder = 2 * encoder_macs_per_image * images
+    return {"decoder": float(decoder), "encoder": float(encoder), "total": float(decoder + encoder),
+            "captions": float(lengths.numel())}
 
 
 if __name__ == "__main__":

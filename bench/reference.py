@@ -115,3 +115,57 @@ def reference_steps(model: CaptionModel, words: Tensor, h: Tensor, c: Tensor, ti
     for i, enc in enumerate(tiled):
         rows = slice(i * k, (i + 1) * k)
         tutorial_step(model.decoder, words[rows], h[rows], c[rows], enc)
+
+
+# ----------------------------------------------------------------------------------------------------- training
+def tutorial_decoder_forward(decoder: DecoderWithAttention, encoder_out: Tensor, captions: Tensor,
+                             lengths: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """The tutorial's ``DecoderWithAttention.forward`` (teacher forcing): one caption per image.
+
+    encoder_out (B,S,S,C) or (B,P,C), captions (B,T), lengths (B,). Sorts by length, then at step t decodes only
+    the captions still running (its ``batch_size_t``), with the attention's encoder projection recomputed at every
+    step (``tutorial_attention``) and the output layer applied per step. Returns predictions (B,T'-1,V), the
+    sorted captions, alphas (B,T'-1,P) and the decode lengths.
+    """
+    b, c_dim = encoder_out.shape[0], encoder_out.shape[-1]
+    encoder_out = encoder_out.reshape(b, -1, c_dim)  # (B, P, C)
+    lengths, order = lengths.sort(dim=0, descending=True)
+    encoder_out, captions = encoder_out[order], captions[order]
+    embeddings = decoder.embedding(captions)  # (B, T, E)
+    h, c = decoder.init_hidden_state(encoder_out)  # (B, D) each
+    decode_lengths = (lengths - 1).tolist()
+    steps = max(decode_lengths)
+    predictions = encoder_out.new_zeros(b, steps, decoder.vocab_size)
+    alphas = encoder_out.new_zeros(b, steps, encoder_out.shape[1])
+    for t in range(steps):
+        bt = sum(n > t for n in decode_lengths)
+        awe, alpha = tutorial_attention(decoder, encoder_out[:bt], h[:bt])
+        awe = torch.sigmoid(decoder.f_beta(h[:bt])) * awe
+        h, c = decoder.decode_step(torch.cat([embeddings[:bt, t, :], awe], dim=1), (h[:bt], c[:bt]))
+        predictions[:bt, t, :] = decoder.fc(decoder.dropout(h))
+        alphas[:bt, t, :] = alpha
+    return predictions, captions, alphas, decode_lengths
+
+
+def tutorial_train_step(model: CaptionModel, optimizer: torch.optim.Optimizer, images: Tensor, captions: Tensor,
+                        lengths: Tensor, grad_clip: float = 5.0, alpha_c: float = 1.0) -> float:
+    """One step of the tutorial's ``train()`` with its encoder frozen (``fine_tune_encoder=False``), fp32: the
+    encoder's forward for every caption (one caption per sample, as its ``CaptionDataset`` yields them), the
+    decoder above, cross-entropy over the packed targets + the doubly stochastic regularizer, value clipping,
+    Adam. Returns the loss."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    features = model.encoder(images)  # (B, S, S, C): the tutorial keeps its encoder in train mode
+    scores, sorted_caps, alphas, decode_lengths = tutorial_decoder_forward(model.decoder, features, captions, lengths)
+    targets = sorted_caps[:, 1:]
+    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+    targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+    loss = F.cross_entropy(scores, targets) + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+    optimizer.zero_grad()
+    loss.backward()
+    for group in optimizer.param_groups:  # the tutorial's clip_gradient
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.data.clamp_(-grad_clip, grad_clip)
+    optimizer.step()
+    return float(loss.detach())

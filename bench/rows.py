@@ -19,6 +19,10 @@ BACKEND_LABEL = {
     "ort_int8full": "ORT int8 encoder + int8 step (--precision int8)",
     "auto": "--precision auto (the caption command's default)",
 }
+# The training group (test_bench_train.py:test_train_vs_tutorial): "fp32-k5-cache" -> "ours fp32, 5 captions/pass, cache"
+TRAIN_LABEL = {"tutorial": "tutorial train() (fp32, encoder per caption)"} | {
+    f"{p}-k{k}{c}": f"ours {p}, {k} caption{'s' if k > 1 else ''}/encoder pass{', feature cache' if c else ''}"
+    for p in ("fp32", "auto") for k in (1, 5) for c in ("", "-cache")}
 ENCODER_LABEL = {"ort_int8enc": "ORT int8 encoder (shipped)"}  # the step part is unused in encoder groups
 CFG_IMAGES = {"caption_small": "1 image", "caption_large": "32 images"}
 KIND_ORDER = ["encoder_small", "encoder_large", "step_small", "step_large", "caption_small", "caption_large", "beam_large"]
@@ -47,6 +51,8 @@ def load_rows(data: dict) -> list[dict[str, Any]]:
 def label(row: dict) -> str:
     if (row["kind"] or "").startswith("encoder") and row["backend"] in ENCODER_LABEL:
         return ENCODER_LABEL[row["backend"]]
+    if row["kind"] == "train_tutorial":
+        return TRAIN_LABEL.get(row["backend"], row["backend"])
     return BACKEND_LABEL.get(row["backend"], row["backend"])
 
 

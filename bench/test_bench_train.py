@@ -3,6 +3,13 @@
     .venv/bin/pytest bench/test_bench_train.py --benchmark-group-by=group --benchmark-columns=mean,stddev,rounds
 
 Groups:
+  train vs tutorial (cpu)  captions/s of a training step at the inference rows' shapes (bench/config.py: ResNet-101
+                   at 256 px, 512/512/512, vocabulary 2,600), batch of TRAIN_IMAGES images, frozen encoder: the
+                   tutorial's own loop (bench/reference.py: one caption per sample, the encoder per caption, the
+                   attention projection per step, fp32) against ours at fp32 and at the precision auto picks, with 1
+                   and all 5 captions per encoder pass, from images and from the feature cache (built once before its
+                   rows; the build's time is its own row's extra_info). extra_info: captions/s, the ratio to the
+                   tutorial's, the FLOP floor of the step at the fp32 GEMM peak measured in the run (bench/floor.py)
   train-step-cpu   one optimizer step of the demo model (ResNet-18 at 128 px, 4x4 grid, batch 16), fp32 vs bf16
                    autocast (and bf16 with channels-last convolutions, the trainer's default), on one CPU thread (what
                    each of the demo's 2 processes gets); extra_info: samples/s. The bf16 rows are not run on a CPU
@@ -15,14 +22,22 @@ Groups:
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
 
+from bench.config import config_from_env
+from bench.floor import encoder_macs, measure_peak, train_step_flops
+from bench.reference import tutorial_train_step
+from core import hardware
 from core.data import load_dataset
 from core.model import CaptionModel, ModelConfig, caption_loss
+from distributed.config import TrainConfig
 from distributed.env import DistEnv
+from distributed.feature_cache import open_feature_cache
 from distributed.loaders import dali_available, make_train_loader
+from distributed.optim import build_optimizer, clip_gradients
 
 BATCH = 16
 IMAGES = 256
@@ -37,6 +52,112 @@ def bench_data(tmp_path_factory):
     root = generate(tmp_path_factory.mktemp("bench") / "data", IMAGES, seed=0, size=128)
     data = load_dataset(root, val_frac=0.0, test_frac=0.0)
     return data, data.build_vocab(min_freq=1)
+
+
+# ------------------------------------------------------------------------------------- training vs the tutorial
+TRAIN_IMAGES = 8  # images per step (the tutorial's batch is 32: 8 keeps its rows inside the bench budget)
+TRAINERS = ["tutorial", "fp32-k1", "fp32-k5", "fp32-k1-cache", "fp32-k5-cache", "auto-k1", "auto-k5", "auto-k1-cache",
+            "auto-k5-cache"]
+_tutorial_rate: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def train_bench(tmp_path_factory):
+    """The model (bench.suite's random weights), images, captions of realistic lengths, a built feature cache."""
+    from bench.suite import build_model
+    from core.synthetic import generate
+
+    cfg = config_from_env()
+    torch.set_num_threads(cfg.num_threads)
+    model = build_model(cfg)
+    root = generate(tmp_path_factory.mktemp("train-bench") / "data", TRAIN_IMAGES, seed=0, size=cfg.model.image_size)
+    data = load_dataset(root, val_frac=0.0, test_frac=0.0)
+    names = data.splits["train"]
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(3, cfg.max_len // 2), cfg.max_len + 1, (TRAIN_IMAGES * 5,), generator=g)  # (5B,)
+    captions = torch.randint(4, cfg.model.vocab_size, (TRAIN_IMAGES * 5, cfg.max_len), generator=g)
+    captions[:, 0] = 1
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"), True)
+    t0 = time.perf_counter()
+    cache = open_feature_cache(model, data, "train", str(tmp_path_factory.mktemp("cache")), "fp16", "fp32",
+                               contextlib.nullcontext(), env, batch_size=TRAIN_IMAGES)
+    build_s = time.perf_counter() - t0
+    peak = measure_peak(cfg.num_threads, quick=cfg.quick)["fp32_GFLOPs"]
+    return dict(cfg=cfg, model=model, images=data.eval_images(names, cfg.model.image_size), captions=captions,
+                lengths=lengths, cache=cache, build_s=build_s, peak=peak, macs=encoder_macs(model))
+
+
+def _ours(b: dict, amp: torch.dtype | None, k: int, cached: bool):
+    """Our training step (the trainer's pieces: frozen encoder in eval mode, channels-last, fused Adam, clipping)."""
+    model = b["model"]
+    model.train()
+    model.encoder.eval()
+    model.encoder.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, TrainConfig())
+    autocast = contextlib.nullcontext() if amp is None else torch.autocast("cpu", dtype=amp)
+    rows = torch.arange(TRAIN_IMAGES)
+    captions, lengths = b["captions"][: TRAIN_IMAGES * k], b["lengths"][: TRAIN_IMAGES * k]
+    captions = captions[:, : int(lengths.max())]
+    images = b["images"].contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with autocast:
+            if cached:
+                logits, alphas = model.decoder(b["cache"].rows(rows), captions, lengths)  # (B, P, C) read each step
+            else:
+                logits, alphas = model(images, captions, lengths)
+            loss = caption_loss(logits, captions, lengths, alphas)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(opt, 5.0)
+        opt.step()
+
+    return step, lengths
+
+
+def _tutorial(b: dict):
+    model = b["model"]
+    model.train()  # (the tutorial's encoder too: frozen weights, BatchNorm in train mode)
+    opt = torch.optim.Adam([p for p in model.decoder.parameters() if p.requires_grad], lr=4e-4)
+    captions, lengths = b["captions"][:TRAIN_IMAGES], b["lengths"][:TRAIN_IMAGES]
+
+    def step():
+        tutorial_train_step(model, opt, b["images"], captions, lengths)
+
+    return step, lengths
+
+
+@pytest.mark.benchmark(group="train vs tutorial (cpu)")
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_train_vs_tutorial(benchmark, train_bench, trainer):
+    b = train_bench
+    auto = hardware.choose_amp("auto", "cpu", hardware.detect()).value
+    if trainer.startswith("auto") and auto is None:
+        pytest.skip("precision auto is fp32 on this CPU (no native bf16): the fp32 rows are its rows")
+    k = 5 if "-k5" in trainer else 1
+    cached = trainer.endswith("cache")
+    step, lengths = _tutorial(b) if trainer == "tutorial" else _ours(b, auto if trainer.startswith("auto") else None,
+                                                                     k, cached)
+    torch.manual_seed(0)
+    cfg = b["cfg"]
+    # Seconds per call from images (the tutorial's: tens of seconds on an AVX2-only CPU): one round after a warm-up.
+    rounds = 1 if cfg.quick or not cached else 3
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0 if cfg.quick else 1)
+    flops = train_step_flops(cfg.model, lengths, k, 0 if cached else b["macs"])
+    info = {"kind": "train_tutorial", "backend": trainer, "captions_per_step": len(lengths),
+            "train_floor_ms": flops["total"] / (b["peak"] * 1e9) * 1e3, "peak_GFLOPs": round(b["peak"], 1),
+            "flops_per_caption": flops["total"] / len(lengths)}
+    if cached:
+        info["cache_build_s"] = round(b["build_s"], 2)
+    if benchmark.stats is not None:
+        rate = len(lengths) / benchmark.stats.stats.median
+        info["captions_per_s"] = round(rate, 2)
+        if trainer == "tutorial":
+            _tutorial_rate["fp32"] = rate
+        elif "fp32" in _tutorial_rate:
+            info["vs_tutorial"] = round(rate / _tutorial_rate["fp32"], 2)
+    benchmark.extra_info.update(info)
+    b["model"].encoder.to(memory_format=torch.contiguous_format)
 
 
 @pytest.fixture

@@ -229,13 +229,19 @@ class DecoderWithAttention(nn.Module):
     def forward(self, encoder_out: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing.
 
-        encoder_out (B,P,C) or (B,S,S,C); captions (B,T) starting with <start>; lengths (B,) counting <start>
-        and <end>. Returns logits (B,T'-1,V) predicting captions[:, 1:T'] and alphas (B,T'-1,P), zero on padding,
-        where T' = max(lengths).
+        encoder_out (N,P,C) or (N,S,S,C); captions (B,T) starting with <start>, B = N x k: k captions per image,
+        image-major; lengths (B,) counting <start> and <end>. Returns logits (B,T'-1,V) predicting
+        captions[:, 1:T'] and alphas (B,T'-1,P), zero on padding, where T' = max(lengths). The k captions of an
+        image share its features and their attention projection (computed once per image, not per caption).
         """
-        enc_out = encoder_out.flatten(1, -2)  # (B, P, C)
+        enc_out = encoder_out.flatten(1, -2)  # (N, P, C)
+        k, rest = divmod(captions.shape[0], enc_out.shape[0])
+        if rest or k < 1:
+            raise ValueError(f"expected k captions per image ({enc_out.shape[0]} images), got {captions.shape[0]}")
         steps = int(lengths.max()) - 1
         enc_out, enc_att, h, c = self.encode_features(enc_out)
+        if k > 1:  # every caption starts from its image's initial state
+            h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)  # (B, D) each
         embeddings = self.embedding(captions[:, :steps])  # (B, T'-1, E)
         hs, alphas = [], []
         for t in range(steps):
@@ -281,13 +287,8 @@ class CaptionModel(nn.Module):
 
     def forward(self, images: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """images (B,3,S,S); captions (B*k,T), lengths (B*k,): k captions per image, image-major."""
-        features = self.encoder(images)  # (B, S', S', C)
-        k, rest = divmod(captions.shape[0], images.shape[0])
-        if rest or k < 1:
-            raise ValueError(f"expected k captions per image ({images.shape[0]} images), got {captions.shape[0]}")
-        if k > 1:  # the encoder runs once per image; each of its captions is decoded on the same features
-            features = features.repeat_interleave(k, dim=0)
-        return self.decoder(features, captions, lengths)
+        # The encoder runs once per image; each of its k captions is decoded on the same features.
+        return self.decoder(self.encoder(images), captions, lengths)  # features (B, S', S', C)
 
     def encode(self, images: Tensor) -> Encoded:
         # Contiguous once here, so that no backend copies the permuted features at every step.

@@ -97,13 +97,15 @@ def plot_learning_curve(
     title: str = "Learning curve",
     eval_label: str | None = None,
     dpi: int = 100,
+    step_losses: Sequence[Sequence[float]] | None = None,
 ) -> Path:
     """Save train and test/validation loss per epoch (and BLEU-4 on a right axis when present) as a PNG.
 
     ``history`` is a list of per-epoch dicts or a dict of lists with keys ``train_loss``, ``val_loss`` (or
     ``test_loss``), optional ``epoch`` (default 1..N) and optional ``bleu4``; ``None`` or NaN entries are
     skipped. The evaluation curve is labelled ``eval_label`` (default "validation loss" / "test loss" after
-    the key). Returns the path written.
+    the key). ``step_losses``: optional ``[epoch position, loss]`` pairs, one per optimizer step, drawn as a thin
+    line under the per-epoch points. Returns the path written.
     """
     cols = _history_columns(history)
     n = max((len(v) for v in cols.values()), default=0)
@@ -121,6 +123,9 @@ def plot_learning_curve(
     fig = _new_figure((7.0, 4.5), dpi)
     ax = fig.add_subplot(1, 1, 1)
     handles = []
+    if step_losses:
+        x, y = _points([s[0] for s in step_losses], [s[1] for s in step_losses])
+        handles += ax.plot(x, y, linewidth=0.8, alpha=0.45, color="tab:blue", label="train loss (per step)")
     x, y = _points(epochs, cols["train_loss"])
     handles += ax.plot(x, y, marker="o", color="tab:blue", label="train loss")
     if eval_key:

@@ -59,9 +59,14 @@ class TrainConfig:
     epochs: int = _f(20, "maximum number of epochs")
     max_steps: int = _f(0, "stop after this many optimizer steps in total (0: no limit)")
     batch_size: int = _f(32, "images per process per step (global batch = batch_size x processes)")
-    captions_per_image: int = _f(1, "captions decoded per image per step: 1 (one of its captions, another each "
+    captions_per_image: int = _f(0, "captions decoded per image per step: 1 (one of its captions, another each "
                                     "epoch: the tutorial's) or k (k of them on the same image features: the encoder "
-                                    "runs once for k captions' worth of supervision)")
+                                    "and the attention projection run once for k captions' worth of supervision); 0: "
+                                    "every caption of the image (5 in Flickr/COCO) when the encoder is frozen or "
+                                    "cached, 1 when it trains. A step then holds batch_size x k captions and the loss "
+                                    "is their mean, so the learning rate keeps its meaning (per-caption gradient "
+                                    "scale) and an epoch has as many steps as with k=1, each seeing k times the "
+                                    "captions")
     decoder_lr: float = _f(4e-4, "Adam learning rate of the decoder")
     encoder_lr: float = _f(1e-4, "Adam learning rate of the encoder (when it is trained)")
     grad_clip: float = _f(5.0, "clip each gradient value to [-grad_clip, grad_clip] (0: off)")
@@ -124,13 +129,26 @@ class TrainConfig:
     resume: str = _f("auto", "auto (newest loadable checkpoint in --out, if any), none, or a checkpoint PATH")
     progress: bool = _f(True, "progress on rank 0: a bar on a terminal, else a line every --log-every steps")
     log_every: int = _f(50, "progress line every N optimizer steps when stderr is not a terminal (0: none)")
+    # ------------------------------------------------------------------ frozen-encoder feature cache, monitoring
+    feature_cache: str = _f("none", "with a frozen encoder: compute its output once per image and train from those "
+                                    "features (no JPEG decoding, no encoder pass per step; augmentation off): a "
+                                    "DIR, auto (DATA/.feature_cache if writable, else ~/.cache/sat/features), or "
+                                    "none. Reused across epochs and runs, rebuilt when the encoder weights, the "
+                                    "preprocessing or the image files change. Not used with --fine-tune-encoder")
+    feature_cache_dtype: str = _f("fp16", "how cached features are stored: fp16 (half the disk of fp32, ~1e-3 "
+                                          "relative error), bf16 (the range of fp32, ~4e-3 relative error), fp32",
+                                  ["fp16", "bf16", "fp32"])
+    tensorboard: bool = _f(True, "TensorBoard event files in --out/tensorboard (rank 0): per-step loss, lr, gradient "
+                                 "norm, captions/s, data-wait share; per-epoch val metrics and attention figures")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise ValueError(f"{f.name} must be one of {list(choices)}, got {getattr(self, f.name)!r}")
-        positive = ("epochs", "batch_size", "captions_per_image", "val_beam_size", "test_beam_size", "max_decode_len",
+        if self.captions_per_image < 0:
+            raise ValueError(f"captions_per_image must be >= 0 (0: all of an image's), got {self.captions_per_image}")
+        positive = ("epochs", "batch_size", "val_beam_size", "test_beam_size", "max_decode_len",
                     "eval_batch_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -159,6 +177,11 @@ class TrainConfig:
     def train_encoder(self) -> bool:
         """A random encoder must learn everything; a pretrained one only when fine-tuning."""
         return not self.encoder_pretrained or self.fine_tune_encoder
+
+    @property
+    def uses_feature_cache(self) -> bool:
+        """--feature-cache applies only to a frozen encoder: a trained one changes its output every step."""
+        return self.feature_cache != "none" and not self.train_encoder
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (the captions name positions up to the image borders, which a crop can cut away). All 5 captions of each
     # image are decoded on one encoder pass (a step costs little more than a one-caption step, and learns far more),
     # and the batch is small (8 images per process): for the same images seen, more updates gave a better held-out
-    # BLEU-4 (docs/training.md).
+    # BLEU-4 (docs/training.md). Its encoder trains, so the feature cache (frozen encoders only) does not apply.
     "demo": dict(
         model=dict(backbone="resnet18", image_size=96, encoded_size=3, attention_dim=256, embed_dim=256,
                    decoder_dim=256, dropout=0.1),

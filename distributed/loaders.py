@@ -4,6 +4,7 @@ indices [B])`` with the images on the training device.
 - ``torch``: ``DataLoader`` over ``core.data`` datasets (PIL decode + ``core.images.ImageTransform``) with a
   ``DistributedSampler``; workers, pinned memory on GPU.
 - ``dali``: ``distributed/dali_pipeline.py`` (JPEG decode on the GPU with one, else on the CPU), same transform rule.
+- ``FeatureTrainLoader``: a frozen encoder's cached outputs (``distributed/feature_cache.py``) in place of images.
 
 Sampling is the same for both. Training: ``DistributedSampler(shuffle=True, seed)`` with ``set_epoch(epoch)``, so
 the order of an epoch depends only on (seed, epoch); it pads every rank to the same number of samples, so every
@@ -183,6 +184,24 @@ class DaliTrainLoader(TrainLoader):
         self._iterator = None  # releases the pipeline and its threads
 
 
+class FeatureTrainLoader(TrainLoader):
+    """A frozen encoder's cached outputs instead of images (``distributed/feature_cache.py``): ``Batch.images`` holds
+    features (B, P, C) float32, in the same sampling order as the image loaders (row i of the cache = image i)."""
+
+    def __init__(self, cache, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if cache.names != self.names:
+            raise ValueError("the feature cache's images are not this split's")
+        self.cache = cache
+        self.channels_last = False  # features are not images
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        indices = self._indices(epoch, start_batch)
+        for i in range(0, len(indices), self.batch_size):
+            rows = torch.tensor(indices[i : i + self.batch_size], dtype=torch.int64)
+            yield self._batch(self.cache.rows(rows), rows, epoch)  # (B, P, C)
+
+
 class EvalLoader:
     """This rank's share of a split's images, each once: iterate for :class:`Batch` es (captions: slot of epoch 0)."""
 
@@ -285,27 +304,41 @@ class Loaders:
     val: EvalLoader
     val_table: CaptionTable
     bn: Any  # a second train loader for precise BatchNorm statistics, or None
-    kind: str  # "dali" or "torch"
+    kind: str  # "dali" or "torch" (the images'; "features" when the train loader reads the feature cache)
     workers: int
+    captions_per_image: int = 1  # captions decoded per image per step (resolved from --captions-per-image)
 
     def close(self) -> None:
         self.train.close()
         self.val.close()
 
 
-def build_loaders(cfg: TrainConfig, data: CaptionDataset, vocab: Vocabulary, env: DistEnv) -> Loaders:
+def resolve_captions_per_image(cfg: TrainConfig, table: CaptionTable) -> int:
+    """--captions-per-image 0: all of an image's captions when the encoder is frozen (the encoder pass, or the
+    cache read, then serves them all), one when it trains (the tutorial's)."""
+    if cfg.captions_per_image:
+        return cfg.captions_per_image
+    return 1 if cfg.train_encoder else int(table.counts.max())
+
+
+def build_loaders(cfg: TrainConfig, data: CaptionDataset, vocab: Vocabulary, env: DistEnv,
+                  cache: Any = None) -> Loaders:
+    """``cache``: a ``feature_cache.FeatureCache`` of the train split; the train loader then reads features."""
     kind = resolve_loader(cfg.loader)
     workers = default_workers(kind, env, cfg.workers, cfg.deterministic)
     train_table = data.caption_table("train", vocab, max_len=cfg.max_caption_len)
     val_table = data.caption_table("val", vocab, max_len=cfg.max_caption_len)
     common = (data, train_table, cfg.model.image_size, cfg.batch_size, env)
-    train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last,
-                              cfg.captions_per_image)
+    k = resolve_captions_per_image(cfg, train_table)
+    if cache is not None:
+        train = FeatureTrainLoader(cache, *common, cfg.seed, workers, captions_per_image=k)
+    else:
+        train = make_train_loader(kind, *common, cfg.seed, workers, cfg.hflip, cfg.random_crop, cfg.channels_last, k)
     val = EvalLoader(data, val_table, cfg.model.image_size, cfg.eval_batch_size, env, kind, workers, "val",
                      cfg.val_max_images)
     bn = make_train_loader(kind, *common, cfg.seed + 1, 0 if kind == "torch" else workers, cfg.hflip,
                            cfg.random_crop, cfg.channels_last) if cfg.precise_bn and cfg.train_encoder else None
-    return Loaders(train=train, val=val, val_table=val_table, bn=bn, kind=kind, workers=workers)
+    return Loaders(train=train, val=val, val_table=val_table, bn=bn, kind=kind, workers=workers, captions_per_image=k)
 
 
 def load_data(cfg: TrainConfig, env: DistEnv | None = None) -> tuple[CaptionDataset, Vocabulary]:

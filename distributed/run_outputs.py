@@ -82,8 +82,9 @@ def write_examples(model: CaptionModel, data: CaptionDataset, vocab: Vocabulary,
     return rows
 
 
-def write_learning_curve(history: list[dict], path: Path, title: str) -> None:
+def write_learning_curve(history: list[dict], path: Path, title: str, step_losses: list | None = None) -> None:
+    """Per-evaluation losses and BLEU-4, and (``step_losses``: [epoch position, loss] rows) the loss of every step."""
     if history:
         from core.viz import plot_learning_curve
 
-        plot_learning_curve(history, path, title=title)
+        plot_learning_curve(history, path, title=title, step_losses=step_losses)

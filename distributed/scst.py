@@ -73,7 +73,8 @@ class Scst:
 
     # ------------------------------------------------------------------------------------------ the step
     def loss(self, model: CaptionModel, ddp: torch.nn.Module, images: Tensor, indices: Tensor) -> Tensor:
-        """The SCST loss of one batch: images (B,3,S,S) on the device, ``indices`` (B,) rows of the train table."""
+        """The SCST loss of one batch: images (B,3,S,S) (or cached features (B,P,C)) on the device, ``indices`` (B,)
+        rows of the train table."""
         t0 = time.perf_counter()
         samples, greedy = self._sample(model, images)
         t1 = time.perf_counter()
@@ -97,7 +98,8 @@ class Scst:
         was_training = model.training
         model.eval()
         try:
-            encoded = model.encode(images)
+            # (B,3,S,S) images, or (B,P,C) features from the feature cache (--feature-cache)
+            encoded = model.decoder.encode_features(images) if images.dim() == 3 else model.encode(images)
             start, end = self.vocab.start_id, self.vocab.end_id
             samples = sample(encoded, model.step, self.k, self.max_len, start, end, method="sample")
             greedy = sample(encoded, model.step, 1, self.max_len, start, end, method="greedy") \

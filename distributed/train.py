@@ -48,10 +48,13 @@ from distributed.config import TrainConfig, parse_config
 from distributed.env import DistEnv, all_reduce_mean, barrier, broadcast_buffers, cleanup, log_round, print0, \
     setup_distributed, warn0
 from distributed.eval_loop import coco_results, coco_test_metrics, evaluate, validate
-from distributed.loaders import EvalLoader, Loaders, build_loaders, load_data
+from distributed.feature_cache import FeatureCacheError, open_feature_cache
+from distributed.loaders import EvalLoader, Loaders, build_loaders, default_workers, load_data
 from distributed.optim import build_optimizer, build_scheduler, clip_gradients
 from distributed.run_outputs import fmt_coco, fmt_metrics, write_examples, write_learning_curve, write_metrics_csv
 from distributed.scst import Scst
+from distributed.step_timer import StepTimer
+from distributed.tensorboard_log import TensorBoardLog
 
 
 class TrainingError(RuntimeError):
@@ -71,6 +74,7 @@ class TrainState:
     bad_epochs: int = 0  # epochs since val BLEU-4 last improved (early stopping)
     skipped_steps: int = 0  # consecutive fp16 overflow steps
     history: list = field(default_factory=list)  # one dict per evaluation (the rows of metrics.csv)
+    step_losses: list = field(default_factory=list)  # [epoch position, mean loss] per step (the learning curve)
 
 
 @dataclass
@@ -191,13 +195,46 @@ def update(t: Trainee, mean_loss: float, cfg: TrainConfig, state: TrainState) ->
     state.batches_done += 1
 
 
+@dataclass
+class EpochMeter:
+    """What an epoch's progress line, log line and TensorBoard say; ``timer`` splits the step's time."""
+
+    timer: StepTimer
+    loss_sum: float = 0.0
+    steps: int = 0
+    samples: int = 0  # images, all ranks
+    captions: int = 0  # captions decoded, all ranks
+    seconds: float = 0.0
+
+    def rate(self, n: int) -> float:
+        return n / max(self.seconds, 1e-9)
+
+
+def report_step(bar, meter: EpochMeter, mean_loss: float, grad_norm: float, t: Trainee, cfg: TrainConfig,
+                env: DistEnv, state: TrainState, num_batches: int, tb: TensorBoardLog) -> None:
+    """Progress bar, a log line every --log-every steps (with where the time went), TensorBoard scalars."""
+    bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{meter.rate(meter.samples):.1f}", refresh=False)
+    state.step_losses.append([round(state.epoch + state.batches_done / num_batches, 5), mean_loss])
+    tb.step(state.step, mean_loss, t.optimizer.param_groups[0]["lr"], grad_norm, meter.rate(meter.captions),
+            meter.timer.shares()["data"])
+    if cfg.log_every and state.step % cfg.log_every == 0:
+        line = meter.timer.line()  # (every rank starts a new interval; rank 0 prints it)
+        if env.is_main and cfg.progress and not sys.stderr.isatty():
+            print0(env, f"epoch {state.epoch + 1} batch {state.batches_done}/{num_batches} step {state.step} | "
+                        f"loss {mean_loss:.3f} | {meter.rate(meter.samples):.1f} samples/s, "
+                        f"{meter.rate(meter.captions):.1f} captions/s | time: {line}"
+                        f"{t.scst.summary() if t.scst else ''}")
+
+
 def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: TrainState,
-                    save_last: Callable[[], None]) -> dict[str, Any]:
+                    save_last: Callable[[], None], tb: TensorBoardLog | None = None) -> dict[str, Any]:
     """Train from ``state.batches_done`` to the end of ``state.epoch`` (or an earlier stop).
 
-    Returns {"train_loss", "samples_per_s", "stop": None | "time budget" | "max steps"}. Stops with a
-    TrainingError, on every rank together, before an update with a non-finite loss (fp16: after too many skips).
+    Returns {"train_loss", "samples_per_s", "captions_per_s", "stop": None | "time budget" | "max steps"}. Stops
+    with a TrainingError, on every rank together, before an update with a non-finite loss (fp16: after too many
+    skips).
     """
+    tb = tb or TensorBoardLog(Path(cfg.out), enabled=False)
     t.ddp.train()
     if not cfg.train_encoder:
         t.model.encoder.eval()  # frozen pretrained encoder: keep its BatchNorm statistics
@@ -207,39 +244,43 @@ def train_one_epoch(t: Trainee, loader, cfg: TrainConfig, env: DistEnv, state: T
     bar = tqdm(loader.epoch(state.epoch, state.batches_done), total=loader.num_batches, initial=state.batches_done,
                unit="batch", desc=f"epoch {state.epoch + 1}", disable=not (show and tty), dynamic_ncols=True,
                file=sys.stderr)
-    loss_sum, steps, samples, seconds, stop = 0.0, 0, 0, 0.0, None
+    meter, stop = EpochMeter(StepTimer(t.model.encoder, env.device)), None
     tick = time.perf_counter()
     for batch in bar:
+        meter.timer.mark("data")
         with t.autocast:
             loss = step_loss(t, batch, cfg, state)
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
+        meter.timer.mark("compute")
         over_budget = budget_s > 0 and state.train_seconds + (time.perf_counter() - tick) >= budget_s
         # One small collective per step: every rank sees the same mean loss and stop flag, so all stop together.
         reduced = all_reduce_mean(torch.stack([loss.detach().float(), torch.tensor(float(over_budget), device=loss.device)]))
         mean_loss, over_budget = float(reduced[0]), bool(reduced[1] > 0)
+        meter.timer.mark("all-reduce")
+        grad_norm = tb.grad_norm(t.optimizer, t.scaler.get_scale()) if tb.enabled else float("nan")
         update(t, mean_loss, cfg, state)
+        meter.timer.mark("optimizer")
         if math.isfinite(mean_loss):
-            loss_sum, steps = loss_sum + mean_loss, steps + 1
-        samples += batch.images.shape[0] * env.world_size  # every rank's batch has the same size
+            meter.loss_sum, meter.steps = meter.loss_sum + mean_loss, meter.steps + 1
+        meter.samples += batch.images.shape[0] * env.world_size  # every rank's batch has the same size
+        meter.captions += batch.captions.shape[0] * env.world_size
         now = time.perf_counter()
         state.train_seconds += now - tick
-        seconds += now - tick
-        bar.set_postfix(loss=f"{mean_loss:.3f}", samples_s=f"{samples / max(seconds, 1e-9):.1f}", refresh=False)
-        if show and not tty and cfg.log_every and state.step % cfg.log_every == 0:
-            print0(env, f"epoch {state.epoch + 1} batch {state.batches_done}/{loader.num_batches} step {state.step} | "
-                        f"loss {mean_loss:.3f} | {samples / max(seconds, 1e-9):.1f} samples/s"
-                        f"{t.scst.summary() if t.scst else ''}")
+        meter.seconds += now - tick
+        report_step(bar, meter, mean_loss, grad_norm, t, cfg, env, state, loader.num_batches, tb)
         stop = "max steps" if cfg.max_steps and state.step >= cfg.max_steps else "time budget" if over_budget else None
         if cfg.save_every and state.step % cfg.save_every == 0 and not stop:  # (a stop saves after its eval)
             broadcast_buffers(t.model)
             save_last()
         tick = time.perf_counter()  # checkpoint time is not training time
+        meter.timer.skip()
         if stop:
             break
     bar.close()
-    return {"train_loss": loss_sum / steps if steps else float("nan"), "samples_per_s": samples / max(seconds, 1e-9),
-            "stop": stop}
+    meter.timer.close()
+    return {"train_loss": meter.loss_sum / meter.steps if meter.steps else float("nan"),
+            "samples_per_s": meter.rate(meter.samples), "captions_per_s": meter.rate(meter.captions), "stop": stop}
 
 
 # ---------------------------------------------------------------------------------------------------------- run
@@ -259,8 +300,10 @@ def record(state: TrainState, stats: dict, m: dict, full_epoch: bool, epoch_pos:
 
 
 def fit(t: Trainee, loaders: Loaders, ckpt: Checkpointer, vocab: Vocabulary, cfg: TrainConfig, env: DistEnv,
-        state: TrainState) -> None:
+        state: TrainState, tb: TensorBoardLog | None = None) -> None:
     """Epochs of training, each followed by validation and a checkpoint, until a stop."""
+    tb = tb or TensorBoardLog(Path(cfg.out), enabled=False)
+
     def save(names: list[str]) -> None:
         ckpt.save(names, t.checkpoint(vocab, state, cfg, env))
 
@@ -268,7 +311,7 @@ def fit(t: Trainee, loaders: Loaders, ckpt: Checkpointer, vocab: Vocabulary, cfg
     while state.epoch < cfg.epochs:
         if (budget_s and state.train_seconds >= budget_s) or (cfg.max_steps and state.step >= cfg.max_steps):
             break
-        stats = train_one_epoch(t, loaders.train, cfg, env, state, lambda: save(["last.pt"]))
+        stats = train_one_epoch(t, loaders.train, cfg, env, state, lambda: save(["last.pt"]), tb)
         full_epoch = state.batches_done >= loaders.train.num_batches
         if full_epoch:
             state.epoch, state.batches_done = state.epoch + 1, 0
@@ -279,11 +322,14 @@ def fit(t: Trainee, loaders: Loaders, ckpt: Checkpointer, vocab: Vocabulary, cfg
         lr = t.optimizer.param_groups[0]["lr"]
         epoch_pos = state.epoch + state.batches_done / loaders.train.num_batches
         improved = record(state, stats, m, full_epoch, epoch_pos, lr)
+        tb.evaluation(state.step, m)
+        tb.attention(state.step, t.model, t.autocast)
         save(["best.pt", "last.pt"] if improved else ["last.pt"])
         if env.is_main:
             write_metrics_csv(Path(cfg.out) / "metrics.csv", state.history)
         print0(env, f"epoch {epoch_pos:.2f}/{cfg.epochs} step {state.step} | train loss {stats['train_loss']:.3f} | "
-                    f"val {fmt_metrics(m)} | lr {lr:.2g} | {stats['samples_per_s']:.1f} samples/s | "
+                    f"val {fmt_metrics(m)} | lr {lr:.2g} | {stats['samples_per_s']:.1f} samples/s "
+                    f"({stats['captions_per_s']:.1f} captions/s) | "
                     f"trained {state.train_seconds:.0f}s | eval {time.perf_counter() - t0:.0f}s"
                     f"{' | best' if improved else ''}")
         if stats["stop"] == "time budget" and cfg.max_steps:
@@ -295,6 +341,22 @@ def fit(t: Trainee, loaders: Loaders, ckpt: Checkpointer, vocab: Vocabulary, cfg
         if cfg.early_stop and state.bad_epochs >= cfg.early_stop:
             print0(env, f"early stop: no better val BLEU-4 for {state.bad_epochs} epochs")
             break
+
+
+def feature_cache(t: Trainee, data: CaptionDataset, cfg: TrainConfig, env: DistEnv, amp: hardware.Choice):
+    """The train split's cached encoder outputs (--feature-cache with a frozen encoder), else None."""
+    if cfg.feature_cache == "none":
+        return None
+    if not cfg.uses_feature_cache:
+        warn0(env, "--feature-cache is not used: the encoder trains (--fine-tune-encoder, or no pretrained weights), "
+                   "so its output changes at every step; training reads images")
+        return None
+    if cfg.random_crop or cfg.hflip:
+        print0(env, "augmentation off: the feature cache holds each image's features under the eval transform "
+                    "(no random crop or flip)")
+    return open_feature_cache(t.model, data, "train", cfg.feature_cache, cfg.feature_cache_dtype,
+                              hardware.dtype_name(amp.value), t.autocast, env, cfg.eval_batch_size,
+                              default_workers("torch", env, cfg.workers, cfg.deterministic))
 
 
 def prepare_run_dir(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -325,9 +387,11 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
     ckpt.remove_stale_temporaries()
     resume_path = ckpt.find(cfg.resume, fits=tensors_fit(t.model, t.model.cfg))
     state = resume(t, resume_path, cfg, vocab, env) if resume_path is not None else TrainState()
-    if env.distributed:
-        t.ddp = DDP(t.model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    loaders = build_loaders(cfg, data, vocab, env)
+    cache = feature_cache(t, data, cfg, env, amp)
+    trained = t.model if cache is None else t.model.decoder  # from cached features: the decoder alone
+    t.ddp = DDP(trained, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.distributed \
+        else trained
+    loaders = build_loaders(cfg, data, vocab, env, cache)
     if cfg.scst or cfg.scst_after:
         t.scst = Scst.from_config(cfg, loaders.train.table, vocab)
         if cfg.scst and not cfg.init_from and resume_path is None:
@@ -342,11 +406,18 @@ def run(cfg: TrainConfig, env: DistEnv) -> dict[str, Any]:
                  hardware=hardware.summary(), threads=torch.get_num_threads(), torch=torch.__version__,
                  resumed_from=str(resume_path or ""), splits=data.splits.sizes(), vocab_size=len(vocab))
     print0(env, f"amp {hardware.dtype_name(amp.value)}: {amp.reason}")
-    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loaders.kind} ({loaders.workers} workers) | "
+    print0(env, f"{env.world_size} process(es) on {env.device} | loader {loaders.kind} ({loaders.workers} workers)"
+                f"{', training from the feature cache' if cache is not None else ''} | "
                 f"{sum(p.numel() for p in t.model.parameters() if p.requires_grad) / 1e6:.2f}M trained params | "
                 f"splits {data.splits.sizes()} | vocab {len(vocab)} | "
-                f"{loaders.train.num_batches} batches/epoch of {cfg.batch_size}x{env.world_size}")
-    fit(t, loaders, ckpt, vocab, cfg, env, state)
+                f"{loaders.train.num_batches} batches/epoch of {cfg.batch_size}x{env.world_size} images, "
+                f"{loaders.captions_per_image} caption(s) each")
+    tb = TensorBoardLog(out, env.is_main and cfg.tensorboard, (data, vocab, data.splits["val"][: cfg.num_examples],
+                                                                cfg.test_beam_size, cfg.max_decode_len))
+    try:
+        fit(t, loaders, ckpt, vocab, cfg, env, state, tb)
+    finally:
+        tb.close()
     loaders.close()
     model, autocast = t.model, t.autocast
     del t  # the DDP wrapper must be gone before the process group is destroyed
@@ -385,7 +456,8 @@ def final_evaluation(model: CaptionModel, data: CaptionDataset, vocab: Vocabular
     if env.is_main:
         if test:
             atomic_write_text(out / "test_metrics.json", json.dumps(test, indent=1) + "\n")
-        write_learning_curve(state.history, out / "learning_curve.png", title=f"{cfg.model.backbone} on {cfg.data}")
+        write_learning_curve(state.history, out / "learning_curve.png", title=f"{cfg.model.backbone} on {cfg.data}",
+                             step_losses=state.step_losses)
         write_examples(model, data, vocab, data.splits["val"][: cfg.num_examples], cfg.test_beam_size,
                        cfg.max_decode_len, autocast, out / "examples")
         print0(env, f"outputs in {out}/: best.pt last.pt metrics.csv learning_curve.png test_metrics.json examples/")
@@ -409,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"error: {e}\nrun `python -m core.data check {cfg.data}`: it lists every bad file and writes the "
                   f"skip list that training reads")
         code = 2
-    except (TrainingError, CheckpointError, PretrainedWeightsError) as e:  # every rank holds the same state
+    except (TrainingError, CheckpointError, PretrainedWeightsError, FeatureCacheError) as e:  # every rank holds the same state
         if env.is_main:
             log.error(f"error: {e}")
         code = 1

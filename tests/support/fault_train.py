@@ -54,9 +54,9 @@ def _say(message: str) -> None:
 def capture_state() -> None:
     original = train.train_one_epoch
 
-    def train_one_epoch(t, loader, cfg, env, state, save_last):
+    def train_one_epoch(t, loader, cfg, env, state, *rest, **kwargs):
         _current["state"] = state
-        return original(t, loader, cfg, env, state, save_last)
+        return original(t, loader, cfg, env, state, *rest, **kwargs)
 
     train.train_one_epoch = train_one_epoch
 
