@@ -161,13 +161,16 @@ class TrainConfig:
             raise ValueError("--lr-schedule cosine decays to 0 at --max-steps: give --max-steps N")
         if self.hflip and not self.random_crop:
             raise ValueError("--hflip is part of the random-crop augmentation; it needs --random-crop")
+        if self.fine_tune_encoder and not self.encoder_pretrained:
+            raise ValueError("--fine-tune-encoder is for pretrained weights; with --encoder-weights none "
+                             "the whole encoder is trained anyway")
+        self._check_scst()
+
+    def _check_scst(self) -> None:
         if self.scst_samples < 1 or (self.scst_baseline == "mean" and self.scst_samples < 2):
             raise ValueError(f"scst_samples must be >= 1 (>= 2 with --scst-baseline mean), got {self.scst_samples}")
         if self.scst_after < 0 or self.scst_cider_weight < 0 or self.scst_bleu_weight < 0:
             raise ValueError("--scst-after and the SCST reward weights must be >= 0")
-        if self.fine_tune_encoder and not self.encoder_pretrained:
-            raise ValueError("--fine-tune-encoder is for pretrained weights; with --encoder-weights none "
-                             "the whole encoder is trained anyway")
 
     @property
     def encoder_pretrained(self) -> bool:

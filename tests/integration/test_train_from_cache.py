@@ -78,3 +78,15 @@ def test_cache_gives_the_image_losses_and_tensorboard_has_the_scalars(synthetic_
     assert not list(cache.glob("*.partial"))
     key = json.loads(next(cache.glob("*/complete.json")).read_text())
     assert {"encoder_sha256", "files_sha256", "transform", "stored"} <= set(key)
+
+
+def test_scst_trains_from_cached_features(synthetic_data, frozen_encoder, tmp_path, capsys):
+    """SCST's samples come from the decoder over cached features (no encoder pass): the stage runs and logs."""
+    code = main(["--data", str(synthetic_data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--threads", "1",
+                 "--encoder-weights", str(frozen_encoder), "--no-random-crop", "--loader", "torch", "--max-steps", "2",
+                 "--no-final-eval", "--val-max-images", "2", "--feature-cache", str(tmp_path / "cache"),
+                 "--scst-after", "1", "--scst-samples", "2", "--max-decode-len", "6", "--log-every", "1",
+                 "--no-tensorboard"])
+    assert code == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if " step " in line and "loss" in line]
+    assert "scst reward" not in lines[0] and "scst reward" in lines[1], lines  # step 1 cross-entropy, step 2 SCST
