@@ -21,7 +21,7 @@ import pytest
 from tests.support.export_artifacts import PYTHON, ROOT, artifacts
 from tests.support.processes import descendants
 
-from export.runtime.batch_caption import LOOPBACK
+from export.runtime.batch.command import LOOPBACK
 
 if importlib.util.find_spec("ray") is None:  # not imported here: LOOPBACK must be set before Ray's first import
     pytest.skip("the [scale] extra (ray[data]) is not installed", allow_module_level=True)
@@ -90,7 +90,7 @@ def command(cluster, inputs, out, *extra):
 
 
 def rows_of(out: Path) -> list[dict]:
-    from export.runtime.batch_output import read_rows
+    from export.runtime.batch.output import read_rows
     from pyarrow.fs import LocalFileSystem
 
     return read_rows(LocalFileSystem(), str(out))
@@ -165,7 +165,7 @@ def test_two_nodes_bad_images_and_a_killed_actor_give_one_row_per_input(art, clu
 def test_rerun_resumes_and_writes_only_new_images(art, cluster, images, tmp_path):
     """Half the images were captioned by an earlier run (a finished shard); the rerun writes the rest, once."""
     out = tmp_path / "out"
-    from export.runtime.batch_output import ShardWriter
+    from export.runtime.batch.output import ShardWriter
     from export.manifest import MANIFEST, sha256_file
     from pyarrow.fs import LocalFileSystem
 

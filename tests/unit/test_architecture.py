@@ -4,6 +4,7 @@
     distributed/  and export/ import core/, never each other (they meet through files on disk)
     export/serve/ reaches the model only through export.runtime's public API (the package, not its modules)
     bench/        imports only public names (nothing that starts with "_"; export.runtime's package or its command)
+    ray           imported only by export/runtime/batch/ (Ray is the optional [scale] extra)
     product code  never imports tests/, and no import cycle anywhere (imports inside functions count too)
 """
 
@@ -125,11 +126,17 @@ def bench_rule(i: Import) -> str | None:
     return None
 
 
+def ray_rule(i: Import) -> str | None:
+    if _within(i.module, "ray") and _is_ours(i.importer) and not _within(i.importer, "export.runtime.batch"):
+        return "only export.runtime.batch imports Ray (the optional [scale] extra)"
+    return None
+
+
 def no_tests_rule(i: Import) -> str | None:
     return "product code never imports tests/" if _top(i.module) == "tests" else None
 
 
-@pytest.mark.parametrize("rule", [core_rule, export_distributed_rule, serve_rule, bench_rule, no_tests_rule])
+@pytest.mark.parametrize("rule", [core_rule, export_distributed_rule, serve_rule, bench_rule, ray_rule, no_tests_rule])
 def test_import_rule(rule):
     found = violations(rule)
     assert not found, "\n".join(found)
@@ -178,6 +185,8 @@ def test_the_rules_catch_what_they_forbid():
     assert bench_rule(Import("bench.report", "bench.rows", ("_fmt_ms",), 1))
     assert bench_rule(Import("bench.suite", "export.runtime.load", ("load_backend",), 1))
     assert no_tests_rule(Import("bench.suite", "tests.support.server", (), 1))
+    assert ray_rule(Import("export.runtime.captioner", "ray.data", (), 1))
+    assert not ray_rule(Import("export.runtime.batch.worker", "ray", (), 1))
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 

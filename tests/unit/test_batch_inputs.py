@@ -10,14 +10,14 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow.fs import LocalFileSystem
 
-from export.runtime.batch_inputs import BatchInputError, list_inputs
-from export.runtime.batch_output import ShardWriter, read_rows, written_paths
-from export.runtime.batch_plan import PlanRequest, make_plan
+from export.runtime.batch.inputs import BatchInputError, list_inputs
+from export.runtime.batch.output import ShardWriter, read_rows, written_paths
+from export.runtime.batch.plan import PlanRequest, make_plan
 from tests.support.export_artifacts import ROOT
 
 
 def test_the_toolkit_imports_without_ray():
-    code = ("import sys, export.runtime, export.batch_caption, export.runtime.batch_worker; "
+    code = ("import sys, export.runtime, export.batch_caption, export.runtime.batch.worker; "
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -81,7 +81,7 @@ def test_shards_commit_whole_drop_repeats_and_resume_by_model(tmp_path, fmt):
 
 
 def test_unusable_inputs_or_model_are_one_line_and_exit_2(tmp_path, capsys):
-    from export.runtime.batch_caption import main
+    from export.runtime.batch.command import main
 
     (tmp_path / "t.csv").write_text("file\na.jpg\n")
     cases = [([str(tmp_path / "missing.txt")], "missing.txt: no such file"),

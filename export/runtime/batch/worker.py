@@ -68,7 +68,7 @@ class CaptionActor:
         """One row (one chunk of files, batch_size=1) -> its result rows, captioned as one batch."""
         import pyarrow as pa
 
-        from export.runtime.batch_output import schema
+        from export.runtime.batch.output import schema
 
         tables = [self.caption_chunk(list(paths), images, list(errors))
                   for paths, images, errors in zip(batch["paths"], batch["images"], batch["errors"])]
@@ -79,7 +79,7 @@ class CaptionActor:
         import pyarrow as pa
         import torch
 
-        from export.runtime.batch_output import schema
+        from export.runtime.batch.output import schema
 
         size = self.captioner.image_size
         pixels = np.frombuffer(images, np.float32).reshape(len(paths), 3, size, size)  # [n,3,S,S]

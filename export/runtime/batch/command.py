@@ -40,10 +40,10 @@ from core.cli import positive_int, run_main
 from core.fileio import printable, sha256_file
 from core.logs import add_verbosity_args, get_logger, setup_logging
 from export.manifest import MANIFEST, ExportFormatError, check_pinned, read_manifest
-from export.runtime.batch_inputs import BatchInputError, Item, Source, list_inputs
-from export.runtime.batch_output import FORMATS, ShardWriter, written_paths
-from export.runtime.batch_plan import Plan, PlanRequest, make_plan
-from export.runtime.batch_progress import BatchProgress
+from export.runtime.batch.inputs import BatchInputError, Item, Source, list_inputs
+from export.runtime.batch.output import FORMATS, ShardWriter, written_paths
+from export.runtime.batch.plan import Plan, PlanRequest, make_plan
+from export.runtime.batch.progress import BatchProgress
 from export.runtime.load import add_model_args
 
 log = get_logger("batch_caption")
@@ -121,7 +121,7 @@ def build_dataset(args, src: Source, todo: list[Item], plan: Plan, preprocess: d
     """One row per caption batch (``plan.batch_size`` files in input order) -> read + decode tasks -> actors."""
     import ray.data
 
-    from export.runtime.batch_worker import CaptionActor, read_and_decode
+    from export.runtime.batch.worker import CaptionActor, read_and_decode
 
     n = plan.batch_size
     chunks = [{"paths": [i.fs_path for i in todo[k:k + n]], "known": [i.error or "" for i in todo[k:k + n]]}
