@@ -251,7 +251,20 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = 
     """:func:`load_image` for bytes in memory (an HTTP upload): the same formats, pixel limit and errors,
     with ``name`` in the messages where a path would be. No path is ever opened. ``reduce_for``: the model's
     input size, for :func:`reduce_jpeg_scale`."""
-    path = Path(name)
+    im = _header_of_bytes(data, Path(name), max_pixels, reduce_for)
+    return decode_rgb(im, Path(name), exif_transpose)
+
+
+def image_bytes_size(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None,
+                     reduce_for: int | None = None) -> tuple[int, int]:
+    """(width, height) :func:`load_image_bytes` would decode ``data`` at, read from the header alone (nothing is
+    decoded): a server's pixel budget is checked with it before any decode. Same checks and errors."""
+    return _header_of_bytes(data, Path(name), max_pixels, reduce_for).size
+
+
+def _header_of_bytes(data: bytes, path: Path, max_pixels: int | None, reduce_for: int | None) -> Image.Image:
+    """The opened, not yet decoded image of ``data``, its pixel count checked against the limit; a JPEG set to
+    decode at its reduced scale for ``reduce_for`` (what it will cost, and what it will give)."""
     if not data:
         raise _error(path, "empty-file", "zero bytes")
     limit = MAX_PIXELS if max_pixels is None else max_pixels
@@ -261,24 +274,7 @@ def load_image_bytes(data: bytes, name: str = "<bytes>", exif_transpose: bool = 
         raise _error(path, "decompression-bomb", f"{w}x{h} = {w * h} pixels is over the limit of {limit}; not decoded")
     if reduce_for:
         reduce_jpeg_scale(im, reduce_for)
-    return decode_rgb(im, path, exif_transpose)
-
-
-def image_bytes_size(data: bytes, name: str = "<bytes>", *, max_pixels: int | None = None,
-                     reduce_for: int | None = None) -> tuple[int, int]:
-    """(width, height) :func:`load_image_bytes` would decode ``data`` at, read from the header alone (nothing is
-    decoded): a server's pixel budget is checked with it before any decode. Same checks and errors."""
-    path = Path(name)
-    if not data:
-        raise _error(path, "empty-file", "zero bytes")
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
-    im = _read_header(io.BytesIO(data), path, len(data))
-    w, h = im.size
-    if w * h > limit:
-        raise _error(path, "decompression-bomb", f"{w}x{h} = {w * h} pixels is over the limit of {limit}; not decoded")
-    if reduce_for:
-        reduce_jpeg_scale(im, reduce_for)  # a JPEG decodes at its reduced scale: that is what it costs
-    return im.size
+    return im
 
 
 # --------------------------------------------------------------------------------------------
