@@ -29,7 +29,7 @@ import torch
 from core.cli import positive_float, positive_int
 from core.images import release_image_memory_promptly
 from core.logs import add_verbosity_args, get_logger, setup_logging
-from export.runtime import add_model_args, load_captioner, model_load_errors
+from export.runtime import add_model_args, check_decode_args, load_captioner, model_load_errors
 from export.serve.app import ServeConfig, create_app
 from export.serve.guards import is_loopback
 from export.serve.limits import check_config, connection_limits
@@ -172,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     release_image_memory_promptly()  # decode threads: freed uploads leave the process (bounded peak memory)
     try:
         cfg = config_from_args(args)
+        check_decode_args(args)  # a bad decoding flag is said as such, before the model loads
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -146,6 +146,14 @@ def test_the_caption_command_refuses_bad_controls_in_one_line(art, capsys, flags
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and says in err
 
 
+def test_the_server_refuses_bad_controls_in_one_line_before_loading_the_model(art, capsys):
+    from export.serve import server
+
+    rc = server.main(["--model", str(art.export_dir), "--port", "0", "--sample-n", "3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: decoding controls:") and "cannot load the model" not in err
+
+
 def test_the_server_takes_decoding_controls_as_query_parameters_within_limits(art):
     srv = Server(art.export_dir, "--beam-size", "4")
     try:
