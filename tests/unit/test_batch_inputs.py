@@ -53,11 +53,13 @@ def test_inputs_directory_glob_list_and_tables(tmp_path):
 
 def test_plan_from_the_cluster_resources_and_overrides():
     one = make_plan([{"CPU": 2.0}], PlanRequest())
-    assert (one.actors, one.threads, one.batch_size) == (1, 2, 32) and one.actor_cpus + one.decode_cpus <= 2
+    assert (one.actors, one.threads, one.batch_size) == (2, 1, 32) and one.actor_cpus + one.decode_cpus <= 1
     two = make_plan([{"CPU": 1.0}, {"CPU": 1.0}], PlanRequest())
     assert (two.actors, two.threads) == (2, 1) and two.actor_cpus + two.decode_cpus <= 1  # decoding always fits
     big = make_plan([{"CPU": 32.0}] * 3, PlanRequest())
-    assert (big.actors, big.threads) == (12, 8)
+    assert (big.actors, big.threads) == (96, 1)
+    wide = make_plan([{"CPU": 32.0}] * 3, PlanRequest(threads=8))
+    assert (wide.actors, wide.threads) == (12, 8)
     gpu = make_plan([{"CPU": 8.0, "GPU": 2.0}], PlanRequest())
     assert (gpu.actors, gpu.actor_gpus, gpu.batch_size) == (2, 1.0, 64)
     mine = make_plan([{"CPU": 2.0}], PlanRequest(batch_size=8, actors=2, threads=1))
