@@ -95,7 +95,7 @@ class Scst:
     @torch.no_grad()
     def _sample(self, model: CaptionModel, images: Tensor) -> tuple[Samples, Samples | None]:
         """K samples per image and (greedy baseline) the greedy caption, with dropout and BatchNorm updates off."""
-        was_training = model.training
+        modes = [m.training for m in model.modules()]  # a frozen encoder stays in eval mode after this
         model.eval()
         try:
             # (B,3,S,S) images, or (B,P,C) features from the feature cache (--feature-cache)
@@ -105,7 +105,8 @@ class Scst:
             greedy = sample(encoded, model.step, 1, self.max_len, start, end, method="greedy") \
                 if self.baseline == "greedy" else None
         finally:
-            model.train(was_training)
+            for m, training in zip(model.modules(), modes):
+                m.training = training
         return samples, greedy
 
     def as_captions(self, s: Samples) -> tuple[Tensor, Tensor]:

@@ -88,10 +88,13 @@ def test_one_scst_step_samples_k_captions_per_image_and_gives_a_finite_loss(setu
     vocab, table, model = setup
     scst = Scst(table, vocab, samples=3, baseline="greedy", max_len=10)
     model.train()
+    model.encoder.eval()  # a frozen pretrained encoder, as train_one_epoch sets it
     torch.manual_seed(3)
     loss = scst.loss(model, model, torch.randn(2, 3, 64, 64), torch.tensor([0, 2]))
     assert torch.isfinite(loss) and loss.requires_grad
     loss.backward()
-    assert model.decoder.fc.weight.grad is not None and model.training  # sampling left the mode as it was
+    assert model.decoder.fc.weight.grad is not None
+    # Sampling left every module's mode as it was: the decoder trains, the frozen encoder's BatchNorm stays in eval
+    assert model.decoder.training and not any(m.training for m in model.encoder.modules())
     line = scst.summary()
     assert "scst reward" in line and "baseline" in line and "length" in line and "% of the time" in line
