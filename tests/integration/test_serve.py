@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 from tests.support.export_artifacts import artifacts
-from tests.support.server import Server, encode, png_bomb
+from tests.support.server import Server, encode, metric, png_bomb
 
 from export.runtime import caption
 from export.serve.batcher import BatcherConfig, DynamicBatcher
@@ -26,14 +26,6 @@ from export.serve.metrics import parse_histogram
 BEAM = "3"
 LIMIT_MB = 0.25  # --max-body-mb of the main server
 MAX_PIXELS = 200_000
-
-
-def parse_value(text: str, name: str) -> float:
-    """The value of an unlabelled counter or gauge in Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[1])
-    return 0.0
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +173,7 @@ def test_sigterm_lets_the_request_in_flight_finish(art, expected):
     sender = threading.Thread(target=lambda: result.update(r=post(srv.url, art.image_paths[3])))
     sender.start()
     deadline = time.monotonic() + 30
-    while parse_value(httpx.get(f"{srv.url}/metrics").text, "sat_requests_in_flight") < 2:  # it + this one
+    while metric(srv.url, "sat_requests_in_flight") < 2:  # it + this one
         assert time.monotonic() < deadline, "the request never reached the server"
         time.sleep(0.05)
     code = srv.terminate()  # sent while the request waits for company in the batcher

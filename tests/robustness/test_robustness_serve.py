@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from tests.support.export_artifacts import artifacts
-from tests.support.server import (Server, connect, grey_png, read_response, reset_peak_rss,
+from tests.support.server import (Server, connect, grey_png, metric, read_response, reset_peak_rss,
                                   vm_hwm_mib)
 
 TIMEOUT_S = 2.0  # --timeout-s
@@ -29,13 +29,6 @@ FLAGS = ["--beam-size", "1", "--max-wait-ms", "5", "--timeout-s", str(TIMEOUT_S)
          "--header-timeout-s", str(HEADER_S), "--body-timeout-s", str(BODY_S), "--decode-threads", "1",
          "--max-pixels", "26000000", "--max-request-pixels", "100000000", "--max-decode-pixels", "100000000",
          "--max-body-mb", "2.5", "--max-inflight-mb", "8", "--cors-origin", "http://app.example"]
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
 
 
 @pytest.fixture(scope="module")

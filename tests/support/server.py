@@ -95,6 +95,17 @@ def grey_png(width: int, height: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- raw HTTP
+def metric(url: str, name: str) -> float:
+    """The value of one series of the server's /metrics, ``name`` with its labels as Prometheus writes them
+    (e.g. ``sat_requests_total{status="499"}``); 0 when absent."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def connect(url: str, timeout: float = 10) -> socket.socket:
     """A plain TCP connection to the server of ``url`` (for requests an HTTP library would not send)."""
     host, port = url.split("//")[1].rsplit(":", 1)
