@@ -51,8 +51,7 @@ def make_inputs(work: Path, count: int) -> tuple[Path, Path]:
 
 
 def make_export(data_dir: Path, export_dir: Path) -> None:
-    from torch import nn
-
+    from bench.suite import calibrate_batchnorm
     from core.data import load_dataset
     from core.images import image_transform, load_image
     from core.model import CaptionModel, ModelConfig
@@ -65,14 +64,7 @@ def make_export(data_dir: Path, export_dir: Path) -> None:
     tf = image_transform(DEMO_SHAPES["image_size"], train=False)
     names = data.splits["train"][:64]
     images = torch.stack([tf(load_image(data.image_path(n))) for n in names])  # [64,3,96,96]
-    with torch.no_grad():  # BatchNorm statistics of real images: features of a sane scale, as a trained encoder's
-        for m in model.encoder.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.encoder.train()
-        model.encoder(images)
-        model.encoder.eval()
+    calibrate_batchnorm(model.encoder, images)  # statistics of real images: features of a sane scale, as trained
     export_model(model, vocab, export_dir, quantize="int8", quant_images=images[:32], calib_images=images[32:40],
                  num_calib=8)
 

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -40,6 +39,7 @@ _CACHE: dict[str, Artifacts] = {}
 
 
 def _calibrate_and_train(data_dir: Path, steps: int = 60):
+    from bench.suite import calibrate_batchnorm
     from core.checkpoint import make_checkpoint
     from core.data import load_dataset
     from core.images import image_transform, load_image
@@ -54,14 +54,8 @@ def _calibrate_and_train(data_dir: Path, steps: int = 60):
     images = torch.stack([tf(load_image(data.image_path(n))) for n in names])
     # Random-weight BatchNorm statistics blow activations up to ~1e5; measure them on real images instead
     # (cumulative average), so features have a sane scale, like a pretrained encoder's.
+    calibrate_batchnorm(model.encoder, images)
     with torch.no_grad():
-        for m in model.encoder.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.reset_running_stats()
-                m.momentum = None
-        model.encoder.train()
-        model.encoder(images)
-        model.encoder.eval()
         feats = model.encoder(images)
     table = data.caption_table("train", vocab, max_len=16)
     opt = torch.optim.Adam(model.decoder.parameters(), lr=1e-2)
