@@ -128,10 +128,14 @@ class _Live:
         logprobs, self.h, self.c, alpha = self.step_fn(self.words, self.h, self.c, enc.enc_out, enc.enc_att)
         n, k = self.scores.shape
         self.alpha = alpha.float().view(n, k, -1)
-        logprobs = logprobs.float()
-        if self.constraints is not None:
-            logprobs = self.constraints.apply(logprobs, self.tokens.reshape(n * k, self.tokens.shape[2]))
-        return self.scores[..., None] + logprobs.view(n, k, -1)
+        return self.scores[..., None] + self.constrain(logprobs.float()).view(n, k, -1)
+
+    def constrain(self, logprobs: Tensor) -> Tensor:
+        """logprobs (N*k, V) of the next word of each row, the words the constraints forbid at -inf."""
+        if self.constraints is None:
+            return logprobs
+        n, k, t = self.tokens.shape
+        return self.constraints.apply(logprobs, self.tokens.reshape(n * k, t))
 
     def extended(self, beam: Tensor, word: Tensor) -> tuple[Tensor, Tensor]:
         """Tokens (N,j,t+1) and alphas (N,j,t+1,P) of the extensions ``beam`` (N,j) + ``word`` (N,j)."""
@@ -422,7 +426,7 @@ def sample(encoded: Encoded, step: StepFn, n: int, max_len: int, start_id: int, 
     for _ in range(max_len):
         logprobs, live.h, live.c, alpha = live.step_fn(live.words, live.h, live.c, encoded.enc_out, encoded.enc_att)
         logprobs = logprobs.float()  # (R, V)
-        allowed = logprobs if live.constraints is None else live.constraints.apply(logprobs, live.tokens.reshape(r, live.tokens.shape[2]))
+        allowed = live.constrain(logprobs)
         if method == "greedy":
             word = allowed.argmax(dim=1)
         else:
@@ -434,7 +438,8 @@ def sample(encoded: Encoded, step: StepFn, n: int, max_len: int, start_id: int, 
         tokens.append(word)
         alphas.append(alpha.float())
         live.words = word
-        live.tokens = torch.stack(tokens, dim=1).view(encoded.h.shape[0], n, -1)  # (N, n, t) for the constraints
+        if live.constraints is not None:  # (N, n, t): what the constraints look at
+            live.tokens = torch.stack(tokens, dim=1).view(encoded.h.shape[0], n, -1)
         if bool(finished.all()):
             break
     out = torch.stack(tokens, dim=1)  # (R, T)
