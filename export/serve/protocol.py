@@ -82,10 +82,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             super().data_received(chunk)
             if not self._in_body and self._header_bytes > self.limits.max_header_bytes and not self._lingering \
                     and not self.transport.is_closing():
-                log.warning("request headers over %d bytes (--max-header-kb): 431, connection closed",
-                            self.limits.max_header_bytes)
-                self._end_request(431, f"request headers over {self.limits.max_header_bytes} bytes "
-                                       f"(--max-header-kb)")
+                self._refuse(431, f"request headers over {self.limits.max_header_bytes} bytes (--max-header-kb)")
 
     def on_headers_complete(self) -> None:
         self._in_body = True
@@ -128,21 +125,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._header_bytes == 0:  # sent nothing (or nothing since its last answer): just close
             self.transport.close()
             return
-        log.warning("request headers not complete within %g s (--header-timeout-s): 408, connection closed",
-                    self.limits.header_timeout_s)
-        self._end_request(408, f"request headers not complete within {self.limits.header_timeout_s:g} s "
-                               f"(--header-timeout-s)")
+        self._refuse(408, f"request headers not complete within {self.limits.header_timeout_s:g} s "
+                          f"(--header-timeout-s)")
 
     def _body_timeout(self) -> None:
         self._deadline = None
         if not self._in_body or self.transport.is_closing():
             return
-        log.warning("request body not complete within %g s (--body-timeout-s): 408, connection closed",
-                    self.limits.body_timeout_s)
-        self._end_request(408, f"request body not complete within {self.limits.body_timeout_s:g} s "
-                               f"(--body-timeout-s)")
+        self._refuse(408, f"request body not complete within {self.limits.body_timeout_s:g} s (--body-timeout-s)")
 
     # -- answers written here, not by the app
+    def _refuse(self, status: int, message: str) -> None:
+        """A bound was passed: one warning in the log, ``status`` with ``message`` to the client, then close."""
+        log.warning("%s: %d, connection closed", message, status)
+        self._end_request(status, message)
+
     def _end_request(self, status: int, message: str) -> None:
         """Answer ``status`` unless the app has started its answer, tell the app, close the connection."""
         cycle = self.cycle if self._in_body else None
