@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from core.cli import flag_field as _f
 from core.decode import Encoded
+from core.energies import additive_energies
 from core.fileio import load_weights_only
+from core.step_weights import StepWeight
 from core.weights import PretrainedWeightsError, imagenet_state_dict
 
 # Channels of the last conv block: the bottleneck ResNets end in 2048, the basic-block ones in 512.
@@ -155,16 +158,40 @@ class Attention(nn.Module):
 
     def attend(self, enc_out: Tensor, enc_att: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """enc_out (N,P,C), enc_att (N,P,A) precomputed, h (N*k,D) -> awe (N*k,C), alpha (N*k,P)."""
-        n, p, c = enc_out.shape
-        dec = self.decoder_att(h).view(n, -1, 1, enc_att.shape[-1])  # (N, k, 1, A)
-        # Energies a block of regions at a time, so that the (N, k, P, A) sum stays in cache instead of streaming
-        # through memory three times (add, relu, full_att); each energy is computed exactly as a whole would be.
+        dec = self.decoder_att(h).view(enc_out.shape[0], -1, enc_att.shape[-1])  # (N, k, A)
+        return self._weigh(self._energies(enc_att, dec), enc_out)
+
+    def attend_rows(self, enc_out: Tensor, enc_att: Tensor, dec: Tensor, slots: Tensor, k: int
+                    ) -> tuple[Tensor, Tensor]:
+        """Teacher forcing over the captions still running: dec (M,A) = decoder_att(h) of the rows at ``slots``
+        (M,) of the image-major N x k grid of captions (image slot // k). -> awe (M,C), alpha (M,P).
+
+        The energies and the weighted sum run on the whole grid: the k captions of an image share one read of its
+        features, and the ended rows' energies (zeros in, discarded) are the cheap part of a step. With gradients
+        on, the energies go through core.energies, which recomputes them in backward instead of storing N x k x P
+        x A values per step."""
+        n = enc_out.shape[0]
+        grid = dec.new_zeros(n * k, dec.shape[1]).index_copy(0, slots, dec).view(n, k, -1)  # (N, k, A)
+        if torch.is_grad_enabled():
+            scores = additive_energies(enc_att, grid, self.full_att.weight, self.full_att.bias)  # (N, k, P)
+        else:
+            scores = self._energies(enc_att, grid)
+        awe, alpha = self._weigh(scores, enc_out)  # (N*k, C), (N*k, P)
+        return awe.index_select(0, slots), alpha.index_select(0, slots)
+
+    def _energies(self, enc_att: Tensor, dec: Tensor) -> Tensor:
+        """enc_att (N,P,A), dec (N,k,A) -> scores (N,k,P), in plain tensor operations (what export traces)."""
+        # A block of regions at a time, so that the (N, k, P, A) sum stays in cache instead of streaming through
+        # memory three times (add, relu, full_att); each energy is computed exactly as a whole would be.
         rows = max(1, ENERGY_BLOCK // enc_att.shape[-1])
-        scores = torch.cat([self.full_att(self.relu(e.unsqueeze(1) + dec)).squeeze(-1)
-                            for e in enc_att.split(rows, dim=1)], dim=-1)  # (N, k, P)
+        return torch.cat([self.full_att(self.relu(e.unsqueeze(1) + dec.unsqueeze(2))).squeeze(-1)
+                          for e in enc_att.split(rows, dim=1)], dim=-1)  # (N, k, P)
+
+    def _weigh(self, scores: Tensor, enc_out: Tensor) -> tuple[Tensor, Tensor]:
+        """scores (N,k,P) -> awe (N*k,C), alpha (N*k,P)."""
         alpha = self.softmax(scores)  # (N, k, P)
-        awe = torch.bmm(alpha, enc_out)  # (N, k, C): the k beams share their image's features
-        return awe.reshape(-1, c), alpha.reshape(-1, p)
+        awe = torch.bmm(alpha, enc_out)  # (N, k, C): the k rows share their image's features
+        return awe.reshape(-1, enc_out.shape[-1]), alpha.reshape(-1, enc_out.shape[1])
 
 
 class DecoderWithAttention(nn.Module):
@@ -214,9 +241,13 @@ class DecoderWithAttention(nn.Module):
     def _recur(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         """The recurrent part of a step: attend, gate, LSTM -> h, c (M,D), alpha (M,P)."""
         awe, alpha = self.attention.attend(enc_out, enc_att, h)  # (M, C), (M, P)
-        awe = self.sigmoid(self.f_beta(h)) * awe
-        h, c = self.decode_step(torch.cat([emb, awe], dim=1), (h, c))  # (M, D) each
+        h, c = self._gated_lstm(emb, awe, h, c)
         return h, c, alpha
+
+    def _gated_lstm(self, emb: Tensor, awe: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """Gate the attention-weighted encoding with h, one LSTM step: (M,E), (M,C), (M,D), (M,D) -> h, c (M,D)."""
+        awe = self.sigmoid(self.f_beta(h)) * awe
+        return self.decode_step(torch.cat([emb, awe], dim=1), (h, c))
 
     def _step(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         h, c, alpha = self._recur(emb, h, c, enc_out, enc_att)
@@ -231,29 +262,53 @@ class DecoderWithAttention(nn.Module):
 
         encoder_out (N,P,C) or (N,S,S,C); captions (B,T) starting with <start>, B = N x k: k captions per image,
         image-major; lengths (B,) counting <start> and <end>. Returns logits (B,T'-1,V) predicting
-        captions[:, 1:T'] and alphas (B,T'-1,P), zero on padding, where T' = max(lengths). The k captions of an
-        image share its features and their attention projection (computed once per image, not per caption).
+        captions[:, 1:T'] and alphas (B,T'-1,P), both zero on padding, where T' = max(lengths). The k captions of
+        an image share its features and their attention projection (computed once per image, not per caption).
+
+        The same arithmetic as ``step`` at every position (tests compare), arranged for training: longest caption
+        first, so that the captions still running at step t are the first running[t] rows (as in the tutorial and
+        a PackedSequence) and a step computes only those (on captions of 10 to 20 words the padding was a quarter
+        of the work; on real ones, whose batch maximum is an outlier, more); the products that do not feed the
+        recurrence (the words' share of the LSTM input, the output layer) once over all steps; the three
+        projections of h in one product; and the weights multiplied at every step (core.step_weights) get their
+        gradient in one product over all steps.
         """
         enc_out = encoder_out.flatten(1, -2)  # (N, P, C)
         k, rest = divmod(captions.shape[0], enc_out.shape[0])
         if rest or k < 1:
             raise ValueError(f"expected k captions per image ({enc_out.shape[0]} images), got {captions.shape[0]}")
-        steps = int(lengths.max()) - 1
         enc_out, enc_att, h, c = self.encode_features(enc_out)
-        if k > 1:  # every caption starts from its image's initial state
-            h, c = h.repeat_interleave(k, dim=0), c.repeat_interleave(k, dim=0)  # (B, D) each
-        embeddings = self.embedding(captions[:, :steps])  # (B, T'-1, E)
+        order = torch.argsort(lengths, descending=True, stable=True)  # (B,): the grid slot of each sorted row
+        words = pack_padded_sequence(captions[order], (lengths[order] - 1).cpu(), batch_first=True)  # inputs
+        E, D, A = self.embedding.embedding_dim, self.decode_step.hidden_size, self.attention.decoder_att.out_features
+        lstm = self.decode_step
+        w_words, w_awe = lstm.weight_ih.split([E, self.encoder_dim], dim=1)  # (4D, E), (4D, C)
+        # Every word's share of the LSTM's input in one product, biases of both halves included; split by step in
+        # one call (a slice per step would cost a zero-filled (sum(running), 4D) gradient per step).
+        from_words = F.linear(self.embedding(words.data), w_words, lstm.bias_ih + lstm.bias_hh)  # (sum(running), 4D)
+        from_words = from_words.split(words.batch_sizes.tolist())  # T'-1 x (m, 4D)
+        from_awe = StepWeight(w_awe)  # multiplies the gated attention output at every step
+        from_h = StepWeight(torch.cat([lstm.weight_hh, self.f_beta.weight, self.attention.decoder_att.weight]))
+        h_bias = torch.cat([self.f_beta.bias, self.attention.decoder_att.bias])  # (C + A,)
+        h, c = h[order // k], c[order // k]  # (B, D) each: every caption starts from its image's initial state
         hs, alphas = [], []
-        for t in range(steps):
-            # Rows whose caption has ended still run (one batched matmul is cheaper than shrinking the batch on
-            # CPU); their outputs are masked out of the loss and the attention regularizer.
-            h, c, alpha = self._recur(embeddings[:, t], h, c, enc_out, enc_att)
+        for x in from_words:
+            m = x.shape[0]
+            h, c = h[:m], c[:m]  # (m, D): the captions that have not ended
+            to_gates, to_gate_awe = from_h(h).split([4 * D, h_bias.shape[0]], dim=1)  # (m, 4D), (m, C + A)
+            gate, dec = (to_gate_awe + h_bias).split([self.encoder_dim, A], dim=1)  # (m, C), (m, A)
+            awe, alpha = self.attention.attend_rows(enc_out, enc_att, dec, order[:m], k)  # (m, C), (m, P)
+            gates = x + from_awe(self.sigmoid(gate) * awe) + to_gates  # (m, 4D)
+            i, f, g, o = gates.chunk(4, dim=1)  # nn.LSTMCell's gate order
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
             hs.append(h)
             alphas.append(alpha)
-        # The output layer does not feed the recurrence: one matmul over all steps instead of one per step.
-        logits = self.fc(self.dropout(torch.stack(hs, 1)))  # (B, T'-1, V)
-        valid = (torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)).to(enc_out.dtype)
-        return logits, torch.stack(alphas, 1) * valid[..., None]
+        steps = words._replace(sorted_indices=order, unsorted_indices=torch.argsort(order))
+        logits = steps._replace(data=self.fc(self.dropout(torch.cat(hs))))  # (sum(running), V)
+        alphas = steps._replace(data=torch.cat(alphas))  # (sum(running), P)
+        return (pad_packed_sequence(logits, batch_first=True)[0],  # (B, T'-1, V), back in the callers' order
+                pad_packed_sequence(alphas, batch_first=True)[0])  # (B, T'-1, P)
 
 
 def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float = 1.0) -> Tensor:

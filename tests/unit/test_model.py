@@ -6,6 +6,7 @@ from torch import nn
 
 from core.model import (
     CaptionModel,
+    DecoderWithAttention,
     Encoder,
     ModelConfig,
     PretrainedWeightsError,
@@ -178,9 +179,10 @@ def test_step_reproduces_teacher_forcing(model):
         enc_out, enc_att, h, c = model.encode(images)
         for t in range(logits.shape[1]):
             logprobs, h, c, alpha = model.step(CAPTIONS[:, t], h, c, enc_out, enc_att)
-            assert torch.allclose(logprobs, torch.log_softmax(logits[:, t], -1), atol=1e-5)
-            valid = t < LENGTHS - 1
+            valid = t < LENGTHS - 1  # teacher forcing computes a caption's steps only until it ends
+            assert torch.allclose(logprobs[valid], torch.log_softmax(logits[valid, t], -1), atol=1e-5)
             assert torch.allclose(alpha[valid], alphas[valid, t], atol=1e-6)
+            assert not logits[~valid, t].any() and not alphas[~valid, t].any()  # zero on padding
 
 
 def test_beams_share_features_and_match_tiled_attention(model):
@@ -208,3 +210,30 @@ def test_encoder_attention_projection_runs_once_per_image(model):
     finally:
         hook.remove()
     assert len(calls) == 1
+
+
+def test_teacher_forcing_gradients_match_the_step_by_step_decoder():
+    """forward (sorted rows, packed outputs, one weight-gradient product per weight) gives the gradients of the
+    plain decoder run step by step over every row: k captions per image of different lengths, unsorted."""
+    torch.manual_seed(0)
+    decoder = DecoderWithAttention(32, 24, 40, 50, encoder_dim=64, dropout=0.0).double()
+    features = torch.randn(3, 16, 64, dtype=torch.float64)
+    lengths = torch.tensor([4, 9, 3, 11, 6, 6, 11, 2, 5, 8, 7, 3])  # 3 images x 4 captions
+    captions = torch.randint(4, 50, (12, 11))
+    captions[:, 0] = 1
+    logits, alphas = decoder(features, captions, lengths)
+    loss = caption_loss(logits, captions, lengths, alphas)
+    ours = torch.autograd.grad(loss, list(decoder.parameters()))
+
+    e = decoder.encode_features(features)
+    h, c = e.h.repeat_interleave(4, 0), e.c.repeat_interleave(4, 0)
+    steps, step_alphas = [], []
+    for t in range(10):
+        step_logits, h, c, alpha = decoder.step_logits(captions[:, t], h, c, e.enc_out, e.enc_att)
+        steps.append(step_logits)
+        step_alphas.append(alpha)
+    valid = (torch.arange(10)[None] < (lengths[:, None] - 1)).double()[..., None]  # (B, T, 1)
+    plain = caption_loss(torch.stack(steps, 1), captions, lengths, torch.stack(step_alphas, 1) * valid)
+    torch.testing.assert_close(loss, plain)
+    for a, b in zip(ours, torch.autograd.grad(plain, list(decoder.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
