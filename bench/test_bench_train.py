@@ -103,9 +103,9 @@ def _ours(b: dict, amp: torch.dtype | None, k: int, cached: bool):
     def step():
         with autocast:
             if cached:
-                logits, alphas = model.decoder(b["cache"].rows(rows), captions, lengths)  # (B, P, C) read each step
+                logits, alphas = model.decoder(b["cache"].rows(rows), captions, lengths, packed=True)  # cache read
             else:
-                logits, alphas = model(images, captions, lengths)
+                logits, alphas = model(images, captions, lengths, packed=True)
             loss = caption_loss(logits, captions, lengths, alphas)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -192,7 +192,7 @@ def _step_fn(device: str, amp: torch.dtype | None, channels_last: bool = False):
 
     def step():
         with autocast:
-            logits, alphas = model(images, captions, lengths)
+            logits, alphas = model(images, captions, lengths, packed=True)
             loss = caption_loss(logits, captions, lengths, alphas)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from core.cli import flag_field as _f
 from core.decode import Encoded
@@ -257,12 +257,14 @@ class DecoderWithAttention(nn.Module):
         logits, h, c, alpha = self.step_logits(words, h, c, enc_out, enc_att)
         return F.log_softmax(logits.float(), dim=-1), h, c, alpha
 
-    def forward(self, encoder_out: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, encoder_out: Tensor, captions: Tensor, lengths: Tensor, packed: bool = False):
         """Teacher forcing.
 
         encoder_out (N,P,C) or (N,S,S,C); captions (B,T) starting with <start>, B = N x k: k captions per image,
         image-major; lengths (B,) counting <start> and <end>. Returns logits (B,T'-1,V) predicting
-        captions[:, 1:T'] and alphas (B,T'-1,P), both zero on padding, where T' = max(lengths). The k captions of
+        captions[:, 1:T'] and alphas (B,T'-1,P), both zero on padding, where T' = max(lengths); with ``packed``,
+        the same as two PackedSequences, which ``caption_loss`` takes as they are (the training step: building
+        the padded logits and picking the real steps back out of them cost a tenth of a step). The k captions of
         an image share its features and their attention projection (computed once per image, not per caption).
 
         The same arithmetic as ``step`` at every position (tests compare), arranged for training: longest caption
@@ -307,18 +309,28 @@ class DecoderWithAttention(nn.Module):
         steps = words._replace(sorted_indices=order, unsorted_indices=torch.argsort(order))
         logits = steps._replace(data=self.fc(self.dropout(torch.cat(hs))))  # (sum(running), V)
         alphas = steps._replace(data=torch.cat(alphas))  # (sum(running), P)
+        if packed:
+            return logits, alphas
         return (pad_packed_sequence(logits, batch_first=True)[0],  # (B, T'-1, V), back in the callers' order
                 pad_packed_sequence(alphas, batch_first=True)[0])  # (B, T'-1, P)
 
 
-def caption_loss(logits: Tensor, captions: Tensor, lengths: Tensor, alphas: Tensor, alpha_c: float = 1.0) -> Tensor:
-    """Cross-entropy over the real (non-padding) targets + doubly stochastic attention regularization."""
-    steps = logits.shape[1]
-    targets = captions[:, 1 : steps + 1]  # (B, T'-1)
-    valid = torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)
-    ce = F.cross_entropy(logits[valid].float(), targets[valid])
+def caption_loss(logits: Tensor | PackedSequence, captions: Tensor, lengths: Tensor, alphas: Tensor | PackedSequence,
+                 alpha_c: float = 1.0) -> Tensor:
+    """Cross-entropy over the real (non-padding) targets + doubly stochastic attention regularization.
+
+    logits and alphas as the decoder's forward returns them: padded (B,T'-1,V) and (B,T'-1,P), or packed."""
+    if isinstance(logits, PackedSequence):
+        order = logits.sorted_indices  # the packed rows' order: longest caption first
+        targets = pack_padded_sequence(captions[order, 1:], (lengths[order] - 1).cpu(), batch_first=True).data
+        logits, attention = logits.data, pad_packed_sequence(alphas, batch_first=True)[0].sum(dim=1)  # (B, P)
+    else:
+        steps = logits.shape[1]
+        valid = torch.arange(steps, device=lengths.device)[None, :] < (lengths[:, None] - 1)  # (B, T'-1)
+        logits, targets, attention = logits[valid], captions[:, 1 : steps + 1][valid], alphas.sum(dim=1)
+    ce = F.cross_entropy(logits.float(), targets)
     # Each region should receive about one unit of attention over the whole caption.
-    reg = ((1.0 - alphas.float().sum(dim=1)) ** 2).mean()
+    reg = ((1.0 - attention.float()) ** 2).mean()
     return ce + alpha_c * reg
 
 
@@ -340,10 +352,10 @@ class CaptionModel(nn.Module):
             dropout=cfg.dropout,
         )
 
-    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, packed: bool = False):
         """images (B,3,S,S); captions (B*k,T), lengths (B*k,): k captions per image, image-major."""
         # The encoder runs once per image; each of its k captions is decoded on the same features.
-        return self.decoder(self.encoder(images), captions, lengths)  # features (B, S', S', C)
+        return self.decoder(self.encoder(images), captions, lengths, packed)  # features (B, S', S', C)
 
     def encode(self, images: Tensor) -> Encoded:
         # Contiguous once here, so that no backend copies the permuted features at every step.

@@ -169,7 +169,7 @@ def step_loss(t: Trainee, batch, cfg: TrainConfig, state: TrainState) -> torch.T
     """The loss of one batch: cross-entropy, or SCST's policy gradient once its stage has begun."""
     if t.scst is not None and t.scst.active(state.step):
         return t.scst.loss(t.model, t.ddp, batch.images, batch.indices)
-    logits, alphas = t.ddp(batch.images, batch.captions, batch.lengths)
+    logits, alphas = t.ddp(batch.images, batch.captions, batch.lengths, packed=True)  # no padding built or read
     return caption_loss(logits, batch.captions, batch.lengths, alphas, cfg.alpha_c)
 
 

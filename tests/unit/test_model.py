@@ -235,5 +235,10 @@ def test_teacher_forcing_gradients_match_the_step_by_step_decoder():
     valid = (torch.arange(10)[None] < (lengths[:, None] - 1)).double()[..., None]  # (B, T, 1)
     plain = caption_loss(torch.stack(steps, 1), captions, lengths, torch.stack(step_alphas, 1) * valid)
     torch.testing.assert_close(loss, plain)
+    packed_logits, packed_alphas = decoder(features, captions, lengths, packed=True)  # the trainer's form
+    packed = caption_loss(packed_logits, captions, lengths, packed_alphas)
+    torch.testing.assert_close(packed, loss)
+    for a, b in zip(torch.autograd.grad(packed, list(decoder.parameters())), ours):
+        torch.testing.assert_close(a, b)
     for a, b in zip(ours, torch.autograd.grad(plain, list(decoder.parameters()))):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
