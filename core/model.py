@@ -241,13 +241,9 @@ class DecoderWithAttention(nn.Module):
     def _recur(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         """The recurrent part of a step: attend, gate, LSTM -> h, c (M,D), alpha (M,P)."""
         awe, alpha = self.attention.attend(enc_out, enc_att, h)  # (M, C), (M, P)
-        h, c = self._gated_lstm(emb, awe, h, c)
-        return h, c, alpha
-
-    def _gated_lstm(self, emb: Tensor, awe: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """Gate the attention-weighted encoding with h, one LSTM step: (M,E), (M,C), (M,D), (M,D) -> h, c (M,D)."""
         awe = self.sigmoid(self.f_beta(h)) * awe
-        return self.decode_step(torch.cat([emb, awe], dim=1), (h, c))
+        h, c = self.decode_step(torch.cat([emb, awe], dim=1), (h, c))  # (M, D) each
+        return h, c, alpha
 
     def _step(self, emb: Tensor, h: Tensor, c: Tensor, enc_out: Tensor, enc_att: Tensor):
         h, c, alpha = self._recur(emb, h, c, enc_out, enc_att)
