@@ -214,16 +214,18 @@ def test_encoder_attention_projection_runs_once_per_image(model):
 
 def test_teacher_forcing_gradients_match_the_step_by_step_decoder():
     """forward (sorted rows, packed outputs, one weight-gradient product per weight) gives the gradients of the
-    plain decoder run step by step over every row: k captions per image of different lengths, unsorted."""
+    plain decoder run step by step over every row: k captions per image of different lengths, unsorted; the
+    features' gradient too (the encoder trains through it)."""
     torch.manual_seed(0)
     decoder = DecoderWithAttention(32, 24, 40, 50, encoder_dim=64, dropout=0.0).double()
-    features = torch.randn(3, 16, 64, dtype=torch.float64)
+    features = torch.randn(3, 16, 64, dtype=torch.float64, requires_grad=True)
+    inputs = [features, *decoder.parameters()]
     lengths = torch.tensor([4, 9, 3, 11, 6, 6, 11, 2, 5, 8, 7, 3])  # 3 images x 4 captions
     captions = torch.randint(4, 50, (12, 11))
     captions[:, 0] = 1
     logits, alphas = decoder(features, captions, lengths)
     loss = caption_loss(logits, captions, lengths, alphas)
-    ours = torch.autograd.grad(loss, list(decoder.parameters()))
+    ours = torch.autograd.grad(loss, inputs)
 
     e = decoder.encode_features(features)
     h, c = e.h.repeat_interleave(4, 0), e.c.repeat_interleave(4, 0)
@@ -238,7 +240,7 @@ def test_teacher_forcing_gradients_match_the_step_by_step_decoder():
     packed_logits, packed_alphas = decoder(features, captions, lengths, packed=True)  # the trainer's form
     packed = caption_loss(packed_logits, captions, lengths, packed_alphas)
     torch.testing.assert_close(packed, loss)
-    for a, b in zip(torch.autograd.grad(packed, list(decoder.parameters())), ours):
+    for a, b in zip(torch.autograd.grad(packed, inputs), ours):
         torch.testing.assert_close(a, b)
-    for a, b in zip(ours, torch.autograd.grad(plain, list(decoder.parameters()))):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    for a, b in zip(ours, torch.autograd.grad(plain, inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # (caption_loss's cross-entropy runs in fp32)
