@@ -20,9 +20,18 @@ from torch import Tensor
 BLOCK_VALUES = 1 << 20  # energies per block (4 MB in fp32): the fastest of 2^18..2^21 on Zen 3 at 8 and 32 images x 5
 
 
-def _block_rows(rows: int, attention_dim: int) -> int:
-    """Regions per block for `rows` (= N x k) decoder rows."""
-    return max(1, BLOCK_VALUES // (rows * attention_dim))
+def _block_rows(enc_att: Tensor, dec: Tensor) -> int:
+    """Regions per block for the N x k decoder rows of dec (N,k,A)."""
+    return max(1, BLOCK_VALUES // dec.numel())
+
+
+def _relu_blocks(enc_att: Tensor, dec: Tensor):
+    """Yield (p0, relu(enc_att[:, p0:p0+R] + dec) (N,k,R,A)) block by block, each written into one reused buffer."""
+    (n, p, a), k, step = enc_att.shape, dec.shape[1], _block_rows(enc_att, dec)
+    buffer = enc_att.new_empty(n, k, step, a)  # no allocation per block
+    for p0 in range(0, p, step):
+        r = buffer[:, :, : min(step, p - p0)]  # (N, k, R, A)
+        yield p0, torch.add(enc_att[:, None, p0:p0 + step], dec[:, :, None], out=r).clamp_min_(0)
 
 
 class _AdditiveEnergies(torch.autograd.Function):
@@ -32,13 +41,9 @@ class _AdditiveEnergies(torch.autograd.Function):
         ctx.dtypes = enc_att.dtype, dec.dtype, weight.dtype
         dtype = torch.result_type(enc_att, dec)  # bf16 under autocast: the dtype full_att would compute in
         enc_att, dec, w = enc_att.to(dtype), dec.to(dtype), weight.reshape(a).to(dtype)  # w (A,)
-        step = _block_rows(n * k, a)
-        relu = enc_att.new_empty(n, k, step, a)  # one buffer for every block: no allocation per block
         scores = enc_att.new_empty(n, k, p)
-        for p0 in range(0, p, step):
-            r = relu[:, :, : min(step, p - p0)]  # (N, k, R, A)
-            torch.add(enc_att[:, None, p0:p0 + step], dec[:, :, None], out=r).clamp_min_(0)
-            scores[:, :, p0:p0 + step] = r @ w  # (N, k, R)
+        for p0, r in _relu_blocks(enc_att, dec):
+            scores[:, :, p0:p0 + r.shape[2]] = r @ w  # (N, k, R)
         ctx.save_for_backward(enc_att, dec, w)
         return scores.add_(bias.to(dtype))  # (N, k, P)
 
@@ -46,23 +51,20 @@ class _AdditiveEnergies(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         enc_att, dec, w = ctx.saved_tensors
         enc_dtype, dec_dtype, weight_dtype = ctx.dtypes
-        (n, p, a), k = enc_att.shape, dec.shape[1]
+        (n, _, a), k = enc_att.shape, dec.shape[1]
         grad = grad.to(w.dtype).contiguous()  # (N, k, P)
         # d score / d pre-activation = w where relu passed, 0 elsewhere: w factors out of the sums over k and P,
         # so each block only masks the incoming gradient (one pass) and sums it; w multiplies the totals once.
         g_enc = torch.empty_like(enc_att)  # (N, P, A)
         g_dec = torch.zeros_like(dec, dtype=torch.float32)  # (N, k, A), summed over blocks
         g_w = torch.zeros(a, dtype=torch.float32, device=w.device)
-        step = _block_rows(n * k, a)
-        relu, masked = enc_att.new_empty(n, k, step, a), enc_att.new_empty(n, k, step, a)
-        over_p = dec.new_empty(n, k, a)
-        for p0 in range(0, p, step):
-            r, m = relu[:, :, : min(step, p - p0)], masked[:, :, : min(step, p - p0)]  # (N, k, R, A) each
-            torch.add(enc_att[:, None, p0:p0 + step], dec[:, :, None], out=r).clamp_min_(0)  # recomputed
-            g_blk = grad[:, :, p0:p0 + step, None]  # (N, k, R, 1)
+        masked, over_p = enc_att.new_empty(n, k, _block_rows(enc_att, dec), a), dec.new_empty(n, k, a)
+        for p0, r in _relu_blocks(enc_att, dec):  # recomputed
+            m = masked[:, :, : r.shape[2]]  # (N, k, R, A)
+            g_blk = grad[:, :, p0:p0 + r.shape[2], None]  # (N, k, R, 1)
             g_w += (g_blk.reshape(1, -1) @ r.reshape(-1, a)).reshape(a)
             torch.ops.aten.threshold_backward.grad_input(g_blk.expand_as(r), r, 0, grad_input=m)
-            torch.sum(m, 1, out=g_enc[:, p0:p0 + step])
+            torch.sum(m, 1, out=g_enc[:, p0:p0 + r.shape[2]])
             g_dec += torch.sum(m, 2, out=over_p)
         need = ctx.needs_input_grad
         return (g_enc.mul_(w).to(enc_dtype) if need[0] else None,
