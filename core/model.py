@@ -277,7 +277,7 @@ class DecoderWithAttention(nn.Module):
             raise ValueError(f"expected k captions per image ({enc_out.shape[0]} images), got {captions.shape[0]}")
         enc_out, enc_att, h, c = self.encode_features(enc_out)
         order = torch.argsort(lengths, descending=True, stable=True)  # (B,): the grid slot of each sorted row
-        words = pack_padded_sequence(captions[order], (lengths[order] - 1).cpu(), batch_first=True)  # inputs
+        words = _pack_steps(captions, lengths, order)  # the input word of every step
         E, D, A = self.embedding.embedding_dim, self.decode_step.hidden_size, self.attention.decoder_att.out_features
         lstm = self.decode_step
         w_words, w_awe = lstm.weight_ih.split([E, self.encoder_dim], dim=1)  # (4D, E), (4D, C)
@@ -311,14 +311,19 @@ class DecoderWithAttention(nn.Module):
                 pad_packed_sequence(alphas, batch_first=True)[0])  # (B, T'-1, P)
 
 
+def _pack_steps(words: Tensor, lengths: Tensor, order: Tensor) -> PackedSequence:
+    """words (B,T) of captions of ``lengths`` (B,) -> the first lengths - 1 of each (one per decoding step), packed
+    in ``order`` (longest first): the layout of the teacher-forcing forward's packed output."""
+    return pack_padded_sequence(words[order], (lengths[order] - 1).cpu(), batch_first=True)
+
+
 def caption_loss(logits: Tensor | PackedSequence, captions: Tensor, lengths: Tensor, alphas: Tensor | PackedSequence,
                  alpha_c: float = 1.0) -> Tensor:
     """Cross-entropy over the real (non-padding) targets + doubly stochastic attention regularization.
 
     logits and alphas as the decoder's forward returns them: padded (B,T'-1,V) and (B,T'-1,P), or packed."""
     if isinstance(logits, PackedSequence):
-        order = logits.sorted_indices  # the packed rows' order: longest caption first
-        targets = pack_padded_sequence(captions[order, 1:], (lengths[order] - 1).cpu(), batch_first=True).data
+        targets = _pack_steps(captions[:, 1:], lengths, logits.sorted_indices).data  # the word each step predicts
         logits, attention = logits.data, pad_packed_sequence(alphas, batch_first=True)[0].sum(dim=1)  # (B, P)
     else:
         steps = logits.shape[1]
